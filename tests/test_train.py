@@ -1,0 +1,141 @@
+"End-to-end checks of the training job on the tiny offline pipeline: one and two processes, LoRA and full
+fine-tuning, exact resume after SIGKILL, failures that stop the run cleanly, and one test per bad config value."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpo_course.config import load_config
+from ddpo_course.models import load_pipeline, same_weights
+from ddpo_course.rewards import REWARDS, checked
+from ddpo_course.train import DDPOTrainer, TrainingError, latest_checkpoint, main, read_metrics
+
+# A small, fast run: 8 trajectories of 4 steps per epoch.
+SMALL = ["sample.num_steps=4", "sample.samples_per_epoch=8", "sample.batch_size=4", "train.batch_size=4",
+         "run.trackers=[]", "run.progress=false", "run.eval_every=100"]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddpo_course.train"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+def small(run_dir, *extra): return load_config("cpu", [f"run.dir={run_dir}", *SMALL, *extra])
+
+def unet_output(unet):
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad(): return unet(x, torch.tensor([500, 20]), e).sample
+
+def test_full_finetune_one_process(tmp_path):
+    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2"))
+    metrics = trainer.train()
+    assert [m["epoch"] for m in metrics] == [0, 1] and metrics[-1]["global_step"] == 2 * 4   # 2 minibatches x 4 steps... see below
+    from diffusers import StableDiffusionPipeline
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path/"run"/"final")
+    torch.testing.assert_close(unet_output(reloaded.unet), unet_output(trainer.acc.unwrap_model(trainer.unet)), rtol=0, atol=0)
+    assert not same_weights(reloaded.unet, load_pipeline("tiny").unet)
+    for f in ("metrics.jsonl", "reward_curve.png", "config.yaml", "samples/eval-epoch-0000.png", "samples/eval-epoch-0001.png"):
+        assert (tmp_path/"run"/f).exists(), f
+
+def test_lora_one_process(tmp_path):
+    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "model.lora=true", "model.lora_rank=4"))
+    trainer.train()
+    trained = trainer.acc.unwrap_model(trainer.unet)
+    assert all(p.dtype == torch.float32 for p in trainer.params) and all("lora" in n for n, p in trained.named_parameters() if p.requires_grad)
+    ck = latest_checkpoint(tmp_path/"run")
+    assert (ck/"unet_lora.safetensors").exists() and not (ck/"model.safetensors").exists()   # adapters only
+    pipe = load_pipeline("tiny")
+    before = unet_output(pipe.unet)
+    pipe.load_lora_weights(tmp_path/"run"/"final")
+    after = unet_output(pipe.unet)
+    torch.testing.assert_close(after, unet_output(trained), rtol=1e-5, atol=1e-6)
+    assert (after - before).abs().max() > 0
+
+def weights_log(run_dir, rank): return [json.loads(l) for l in (Path(run_dir)/f"weights-rank{rank}.jsonl").read_text().splitlines()]
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_two_processes_save_resume_identical_ranks(tmp_path, lora):
+    run = tmp_path/"run"
+    args = ["cpu", f"run.dir={run}", *SMALL, "run.checkpoint_every=1", "run.record_weights=true", "train.batch_size=2",
+            f"model.lora={str(lora).lower()}"]
+    subprocess.run(LAUNCH + args + ["train.epochs=2"], env=ENV, check=True, timeout=600, capture_output=True)
+    subprocess.run(LAUNCH + args + ["train.epochs=3", "run.resume=true"], env=ENV, check=True, timeout=600, capture_output=True)
+    r0, r1 = weights_log(run, 0), weights_log(run, 1)
+    assert len(r0) == 3 * 2 and r0 == r1          # 2 minibatches per process per epoch, identical after every step
+    assert len({r["sum"] for r in r0}) == len(r0)  # and the weights did change at every step
+    assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2]
+
+def final_unet(run_dir): return load_file(str(Path(run_dir)/"final"/"unet"/"diffusion_pytorch_model.safetensors"))
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    args = [sys.executable, "-m", "ddpo_course.train", "cpu", *SMALL, "train.epochs=5", "run.checkpoint_every=1"]
+    subprocess.run(args + [f"run.dir={tmp_path/'a'}"], env=ENV, check=True, timeout=600, capture_output=True)
+    proc = subprocess.Popen(args + [f"run.dir={tmp_path/'b'}"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path/"b"/"checkpoints"/"epoch-0001").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.05)
+    time.sleep(1.0)                                    # well inside epoch 2
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert latest_checkpoint(tmp_path/"b").name in ("epoch-0001", "epoch-0002") and not (tmp_path/"b"/"final").exists()
+    subprocess.run(args + [f"run.dir={tmp_path/'b'}", "run.resume=true"], env=ENV, check=True, timeout=600, capture_output=True)
+    a, b = final_unet(tmp_path/"a"), final_unet(tmp_path/"b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["epoch"] for m in read_metrics(tmp_path/"b")] == list(range(5))
+
+def test_nan_reward_stops_with_named_epoch_and_intact_checkpoint(tmp_path):
+    calls = {"n": 0}
+    def flaky(images, prompts):
+        calls["n"] += 1
+        r = torch.rand(len(prompts))
+        if calls["n"] > 2: r[0] = float("nan")      # epoch 0 has two sampling batches; epoch 1 fails
+        return r
+    REWARDS["flaky_test"] = lambda device, tiny: checked(flaky, "flaky_test")
+    try:
+        trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=3", "reward.name=flaky_test", "run.checkpoint_every=1"))
+        with pytest.raises(TrainingError, match=r"epoch 1: reward 'flaky_test' returned non-finite"): trainer.train()
+    finally: del REWARDS["flaky_test"]
+    ck = latest_checkpoint(tmp_path/"run")
+    assert ck.name == "epoch-0000"
+    resumed = DDPOTrainer(small(tmp_path/"run", "train.epochs=1", "run.resume=true")).setup()
+    assert resumed.state.epoch == 0
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=3", "train.learning_rate=1e30", "train.max_grad_norm=1e30"))
+    with pytest.raises(TrainingError, match="non-finite loss or gradient"): trainer.train()
+
+BAD = [
+    ("sample.eta=0", "sample.eta=0.0: must be > 0"),
+    ("sample.eta=-1", "sample.eta=-1.0: must be > 0"),
+    ("train.clip_range=0", "train.clip_range=0.0: must be > 0"),
+    ("sample.batch_size=5", "sample.batch_size=5: must divide the samples per process"),
+    ("train.batch_size=3", "train.batch_size=3: must divide the samples per process"),
+    ("sample.samples_per_epoch=33", "sample.batch_size=16: must divide"),
+    ("train.timestep_fraction=0", "train.timestep_fraction=0.0: must be in (0, 1]"),
+    ("train.timestep_fraction=1.01", "train.timestep_fraction=1.01: must be in (0, 1]"),
+    ("reward.name=beauty", "reward.name='beauty': unknown reward"),
+    ("reward.prompts=pokemon", "reward.prompts='pokemon': not a prompt set"),
+    ("run.trackers=[mlflow]", "unknown tracker 'mlflow'"),
+    ("model.name=./no/such/model", "model.name='./no/such/model'"),
+    ("train.learning_rate=fast", "train.learning_rate='fast': expected a number"),
+]
+
+@pytest.mark.parametrize("override,message", BAD)
+def test_bad_config_value_fails_before_anything_loads(tmp_path, capsys, override, message):
+    t0 = time.time()
+    assert main(["cpu", f"run.dir={tmp_path/'run'}", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path/"run").exists() and time.time() - t0 < 5
+
+def test_unknown_preset(capsys):
+    assert main(["sd3_turbo"]) == 2 and "not a preset" in capsys.readouterr().err
+
+def test_samples_not_divisible_by_processes():
+    from ddpo_course.config import ConfigError, validate
+    with pytest.raises(ConfigError, match="divisible by the number of processes"): validate(load_config("cpu", ["sample.samples_per_epoch=33"]), 2)
+
+def test_existing_run_is_never_overwritten_by_accident(tmp_path, capsys):
+    run = tmp_path/"run"; run.mkdir(); (run/"metrics.jsonl").write_text('{"epoch": 0}\n')
+    assert main(["cpu", f"run.dir={run}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run/"metrics.jsonl").read_text() == '{"epoch": 0}\n'
