@@ -15,7 +15,7 @@ from ddpo_course.train import DDPOTrainer, TrainingError, latest_checkpoint, mai
 # A small, fast run: 8 trajectories of 4 steps per epoch.
 SMALL = ["sample.num_steps=4", "sample.samples_per_epoch=8", "sample.batch_size=4", "train.batch_size=4",
          "run.trackers=[]", "run.progress=false", "run.eval_every=100"]
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddpo_course.train"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
