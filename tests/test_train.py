@@ -1,5 +1,5 @@
-"End-to-end checks of the training job on the tiny offline pipeline: one and two processes, LoRA and full
-fine-tuning, exact resume after SIGKILL, failures that stop the run cleanly, and one test per bad config value."
+"""End-to-end checks of the training job on the tiny offline pipeline: one and two processes, LoRA and full
+fine-tuning, exact resume after SIGKILL, failures that stop the run cleanly, and one test per bad config value."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
@@ -29,7 +29,7 @@ def unet_output(unet):
 def test_full_finetune_one_process(tmp_path):
     trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2"))
     metrics = trainer.train()
-    assert [m["epoch"] for m in metrics] == [0, 1] and metrics[-1]["global_step"] == 2 * 4   # 2 minibatches x 4 steps... see below
+    assert [m["epoch"] for m in metrics] == [0, 1] and metrics[-1]["global_step"] == 2 * 2   # 2 minibatches per epoch
     from diffusers import StableDiffusionPipeline
     reloaded = StableDiffusionPipeline.from_pretrained(tmp_path/"run"/"final")
     torch.testing.assert_close(unet_output(reloaded.unet), unet_output(trainer.acc.unwrap_model(trainer.unet)), rtol=0, atol=0)
@@ -88,7 +88,7 @@ def test_nan_reward_stops_with_named_epoch_and_intact_checkpoint(tmp_path):
     def flaky(images, prompts):
         calls["n"] += 1
         r = torch.rand(len(prompts))
-        if calls["n"] > 2: r[0] = float("nan")      # epoch 0 has two sampling batches; epoch 1 fails
+        if calls["n"] > 3: r[0] = float("nan")      # epoch 0: two sampling batches and the evaluation; epoch 1 fails
         return r
     REWARDS["flaky_test"] = lambda device, tiny: checked(flaky, "flaky_test")
     try:
