@@ -49,6 +49,7 @@ setup(
     extras_require={'dev': dev_requirements},
     entry_points={
         'console_scripts': [
+            'ddpo-train=ddpo_course.train:main',
         ],
         'nbdev': ['ddpo_course=ddpo_course._modidx:d'],
     },
