@@ -175,25 +175,29 @@ def sample_epoch(self:DDPOTrainer, epoch:int):
     ds = PromptDataset(self.prompts, per_process, seed=seed_for(cfg.run.seed, 1, acc.process_index))
     ds.set_epoch(epoch)
     prompts = list(ds)
-    trajs, futures, times = [], [], dict(sampling_s=0.0, scoring_s=0.0)
+    trajs, futures, times = [], [], dict(sampling_s=0.0, decoding_s=0.0, scoring_s=0.0)
     def score(images, batch):
         t0 = time.perf_counter()
         try: return self.reward_fn(images, batch), None
         except RewardError as e: return None, str(e)
         finally: times["scoring_s"] += time.perf_counter() - t0
     batches = range(0, per_process, s.batch_size)
-    t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
         for b in _bar(batches, self.main and cfg.run.progress, getattr(self, '_mb', None)):
             batch = prompts[b:b + s.batch_size]
+            t0 = time.perf_counter()
             with acc.autocast():
                 traj = sample_trajectories(self.pipe, batch, s.num_steps, s.guidance_scale, s.eta,
                                            generator=generator(cfg.run.seed, 2, epoch, acc.process_index, b))
-                images = decode_latents(self.pipe.vae, traj.final_latents)
-            trajs.append(traj); futures.append(pool.submit(score, images.cpu(), batch))
-        times["sampling_s"] = time.perf_counter() - t0
+                if acc.device.type == "cuda": torch.cuda.synchronize()   # so the clock splits sampling from decoding
+                t1 = time.perf_counter()
+                images = decode_latents(self.pipe.vae, traj.final_latents).cpu()
+            t2 = time.perf_counter()
+            times["sampling_s"] += t1 - t0; times["decoding_s"] += t2 - t1
+            trajs.append(traj); futures.append(pool.submit(score, images, batch))
+        t0 = time.perf_counter()
         results = [f.result() for f in futures]
-    times["score_wait_s"] = time.perf_counter() - t0 - times["sampling_s"]
+    times["score_wait_s"] = time.perf_counter() - t0    # scoring not hidden behind sampling
     errors = [e for _, e in results if e]
     rewards = torch.cat([r for r, _ in results]) if not errors else torch.full((per_process,), float("nan"))
     return Trajectory.cat(trajs), rewards, prompts, (errors[0] if errors else None), times
@@ -243,19 +247,19 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
                     out = ddpo_loss(logp, old[mb, j], adv[mb], t.clip_range, t.adv_clip_max, t.method)
                     acc.backward(out.loss)
                     if acc.sync_gradients:
-                        norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
-                        if not torch.isfinite(torch.as_tensor(norm)):
+                        norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm), dtype=torch.float32, device=acc.device)
+                        if not torch.isfinite(norm):   # checked before the step: a bad gradient never reaches the weights
                             raise TrainingError(f"epoch {epoch}: non-finite loss or gradient (gradient norm {float(norm)}, "
                                                 f"loss {out.loss.item()}). The last checkpoint in {self.run_dir/'checkpoints'} is intact.")
-                        stats["grad_norm"].append(float(norm))
+                        stats["grad_norm"].append(norm)
                     self.opt.step(); self.lr_sched.step(); self.opt.zero_grad(set_to_none=True)
                     if acc.sync_gradients:
                         self.state.global_step += 1
                         if cfg.run.record_weights: self._record_weights()
-                    for k in ("loss", "approx_kl", "clipfrac"): stats[k].append(getattr(out, k).item())
-    local = torch.tensor([np.mean(stats[k]) if stats[k] else 0.0 for k in ("loss", "approx_kl", "clipfrac", "grad_norm")], device=acc.device)
-    mean = acc.reduce(local, reduction="mean").cpu().tolist()
-    return dict(zip(("loss", "approx_kl", "clipfrac", "grad_norm"), mean))
+                    for k in ("loss", "approx_kl", "clipfrac"): stats[k].append(getattr(out, k).detach())   # no .item(): no GPU sync per step
+    keys = ("loss", "approx_kl", "clipfrac", "grad_norm")
+    local = torch.stack([torch.stack(stats[k]).float().mean() if stats[k] else torch.zeros((), device=acc.device) for k in keys])
+    return dict(zip(keys, acc.reduce(local, reduction="mean").cpu().tolist()))
 
 def _record_weights(self:DDPOTrainer):
     "Append a checksum of the trained weights to this process's weights file (to check ranks stay identical)."
@@ -270,13 +274,13 @@ DDPOTrainer._record_weights = _record_weights
 # %% ../nbs/06_train.ipynb #a1a29a98
 def save_grid(images:torch.Tensor, captions:list[str], path:str|Path, title:str=""):
     "Save uint8 images `[B, H, W, 3]` in a row with captions."
-    import matplotlib; matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # not pyplot: no global state, no backend switch, safe in any thread
     n = len(images)
-    fig, axs = plt.subplots(1, n, figsize=(2 * n, 2.4), squeeze=False)
+    fig = Figure(figsize=(2 * n, 2.4))
+    axs = fig.subplots(1, n, squeeze=False)
     for ax, im, cap in zip(axs[0], images.cpu(), captions): ax.imshow(im.numpy()); ax.axis("off"); ax.set_title(cap, fontsize=8)
     if title: fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=80, bbox_inches="tight"); plt.close(fig)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
 
 def evaluate(self:DDPOTrainer, epoch:int):
     "Sample the fixed evaluation prompts from the fixed seed; save the captioned grid and return the mean reward."
@@ -357,17 +361,20 @@ def read_metrics(run_dir:str|Path) -> list[dict]:
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
 def plot_reward_curve(run_dir:str|Path, path:str|Path|None=None, ax=None):
-    "Mean reward per epoch with a ±1 std band, and the evaluation reward."
-    import matplotlib.pyplot as plt
+    "Mean reward per epoch with a ±1 std band, and the evaluation reward; saved to `path` if given, else drawn on `ax` or a new figure."
     m = read_metrics(run_dir)
     ep = np.array([r["epoch"] for r in m]); mean = np.array([r["reward_mean"] for r in m]); std = np.array([r["reward_std"] for r in m])
-    fig = None
-    if ax is None: fig, ax = plt.subplots(figsize=(5, 3))
+    if ax is None and path is not None:
+        from matplotlib.figure import Figure   # a file only: keep it out of pyplot (and of a notebook's displayed figures)
+        ax = Figure(figsize=(5, 3)).subplots()
+    elif ax is None:
+        import matplotlib.pyplot as plt
+        _, ax = plt.subplots(figsize=(5, 3))
     ax.plot(ep, mean, label="mean reward"); ax.fill_between(ep, mean - std, mean + std, alpha=0.2, label="±1 std")
     ev = [(r["epoch"], r["eval_reward"]) for r in m if r.get("eval_reward") is not None]
     if ev: ax.plot(*zip(*ev), "o", ms=3, label="eval prompts")
     ax.set_xlabel("epoch"); ax.set_ylabel("reward"); ax.legend(fontsize=8)
-    if path is not None and fig is not None: fig.savefig(path, dpi=80, bbox_inches="tight"); plt.close(fig)
+    if path is not None: ax.figure.savefig(path, dpi=80, bbox_inches="tight")
     return ax
 
 def log_epoch(self:DDPOTrainer, metrics:dict, all_rewards:torch.Tensor):
@@ -409,7 +416,7 @@ def train(self:DDPOTrainer):
                        reward_std=all_rewards.std(unbiased=False).item(), reward_min=all_rewards.min().item(),
                        reward_max=all_rewards.max().item(), reward_hist=hist.tolist(), reward_bins=edges.tolist(),
                        **stats, lr=self.lr_sched.get_last_lr()[0], eval_reward=eval_reward,
-                       sampling_s=times["sampling_s"], scoring_s=times["scoring_s"], score_wait_s=times["score_wait_s"],
+                       **times,
                        gather_s=t2 - t1, training_s=t3 - t2, eval_s=t4 - t3, checkpoint_s=t5 - t4, epoch_s=t5 - t0,
                        samples_per_s=cfg.sample.samples_per_epoch / (t5 - t0))
         self.log_epoch(metrics, all_rewards)
