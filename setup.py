@@ -50,6 +50,8 @@ setup(
     entry_points={
         'console_scripts': [
             'ddpo-train=ddpo_course.train:main',
+            'ddpo-bench=ddpo_course.bench:main',
+            'ddpo-bench-gpu=ddpo_course.bench:gpu_main',
         ],
         'nbdev': ['ddpo_course=ddpo_course._modidx:d'],
     },

@@ -118,7 +118,8 @@ def _coerce(path:str, value, typ):
         raise ConfigError(f"{path}={value!r}: expected a number")
     if base == "str":
         if isinstance(value, (str, int, float)) and not isinstance(value, bool): return str(value)
-        raise ConfigError(f"{path}={value!r}: expected a string")
+        hint = ' (YAML reads an unquoted no, off, yes or on as true/false: quote it, e.g. "no")' if isinstance(value, bool) else ""
+        raise ConfigError(f"{path}={value!r}: expected a string{hint}")
     if base == "list":
         if isinstance(value, (list, tuple)): return list(value)
         if isinstance(value, str): return [value]
@@ -146,12 +147,20 @@ def set_field(cfg:Config, path:str, value):
     if key not in types: raise ConfigError(f"{path}: unknown field; {section} has {', '.join(types)}")
     setattr(getattr(cfg, section), key, _coerce(path, value, types[key]))
 
+def _parse_override(path:str, raw:str):
+    "The value of one override: the text itself for a string field, else parsed as YAML (numbers, true/false, lists)."
+    section, _, key = path.partition(".")
+    typ = _section_types(section).get(key) if section in _SECTIONS else None
+    if typ is not None and str(typ).replace(" ", "") in ("str", "str|None") and raw.strip() not in ("null", "~", "None"):
+        return raw.strip().strip("'\"")   # model.mixed_precision=no is the string "no", not YAML's false
+    return yaml.safe_load(raw) if raw.strip() else ""
+
 def apply_overrides(cfg:Config, overrides:list[str]) -> Config:
-    "Apply `section.field=value` overrides (values parsed as YAML)."
+    "Apply `section.field=value` overrides."
     for o in overrides:
         if "=" not in o: raise ConfigError(f"override {o!r} is not of the form section.field=value")
         path, _, raw = o.partition("=")
-        set_field(cfg, path.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        set_field(cfg, path.strip(), _parse_override(path.strip(), raw))
     return cfg
 
 def config_to_dict(cfg:Config) -> dict: return asdict(cfg)
