@@ -123,9 +123,11 @@ def bench_sampling(pipe=None, # a pipeline with a DDIM scheduler; None builds th
     return compare("sampling", ours, base, repeats, warmup, target=1.05)
 
 # %% ../nbs/90_benchmarks.ipynb #25add5d9
-def _bench_trainer(run_dir:str, overrides:list[str]) -> DDPOTrainer:
-    cfg = load_config("cpu", [f"run.dir={run_dir}", "run.trackers=[]", "run.progress=false", *overrides])
-    return DDPOTrainer(cfg).setup()
+def _bench_config(run_dir:str, overrides:list[str]):
+    "The `cpu` preset in `run_dir`, quiet (no trackers, no progress bars), with `overrides`."
+    return load_config("cpu", [f"run.dir={run_dir}", "run.trackers=[]", "run.progress=false", *overrides])
+
+def _bench_trainer(run_dir:str, overrides:list[str]) -> DDPOTrainer: return DDPOTrainer(_bench_config(run_dir, overrides)).setup()
 
 def _count_calls(module, optimizer, fn) -> tuple[int, int]:
     "UNet forward calls and optimizer steps made by one call of `fn`."
@@ -173,8 +175,7 @@ def epoch_breakdown(epochs:int=3, # epochs to run; the first (warm-up) is left o
                     overrides:list[str]=()) -> dict:
     "Mean seconds per epoch of each phase of the `cpu` preset's trainer, with a checkpoint every epoch."
     with tempfile.TemporaryDirectory() as d:
-        cfg = load_config("cpu", [f"run.dir={d}/run", "run.trackers=[]", "run.progress=false", f"train.epochs={epochs}",
-                                  "run.checkpoint_every=1", *overrides])
+        cfg = _bench_config(f"{d}/run", [f"train.epochs={epochs}", "run.checkpoint_every=1", *overrides])
         tr, logging_s = DDPOTrainer(cfg), []
         log_epoch = tr.log_epoch
         def timed_log(*args):
@@ -191,13 +192,16 @@ def epoch_breakdown(epochs:int=3, # epochs to run; the first (warm-up) is left o
     return out
 
 # %% ../nbs/90_benchmarks.ipynb #5e936c75
-def time_epoch(tr:DDPOTrainer, epoch:int) -> float:
-    "Seconds of one epoch's sampling, scoring, advantages and training (no evaluation, checkpoint or logging)."
-    t0 = time.perf_counter()
+def time_epoch(tr:DDPOTrainer, epoch:int) -> dict:
+    "Seconds of one epoch's sampling (with decoding and scoring), advantages and training; no evaluation, checkpoint or logging."
+    _sync(); t0 = time.perf_counter()
     traj, rewards, prompts, error, _ = tr.sample_epoch(epoch)
+    _sync(); t1 = time.perf_counter()
     adv, *_ = tr.compute_advantages(epoch, rewards, prompts, error)
+    _sync(); t2 = time.perf_counter()
     tr.train_epoch(epoch, traj, adv)
-    return time.perf_counter() - t0
+    _sync(); t3 = time.perf_counter()
+    return dict(sampling_s=t1 - t0, advantages_s=t2 - t1, training_s=t3 - t2, epoch_s=t3 - t0)
 
 def epoch_scaling(samples:list[int]=(8, 16, 32), # samples per epoch, at `base_steps` timesteps
                   steps:list[int]=(5, 10, 20), # timesteps, at `base_samples` samples
@@ -210,7 +214,7 @@ def epoch_scaling(samples:list[int]=(8, 16, 32), # samples per epoch, at `base_s
             tr = _bench_trainer(f"{d}/run", [f"sample.samples_per_epoch={n}", f"sample.batch_size={min(n, 16)}",
                                 f"train.batch_size={min(n, 8)}", f"sample.num_steps={t}", *overrides])
             time_epoch(tr, 0)
-            seconds[n, t] = time_epoch(tr, 1)
+            seconds[n, t] = time_epoch(tr, 1)["epoch_s"]
     return [dict(samples=n, steps=t, epoch_s=seconds[n, t], varied="samples" if i < len(samples) else "steps")
             for i, (n, t) in enumerate(points)]
 
@@ -316,6 +320,12 @@ def format_table(r:dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/90_benchmarks.ipynb #3f5cde32
+def _check_positive(p:argparse.ArgumentParser, args, names:tuple[str, ...]):
+    "Stop with a usage error if any of the integer options `names` that was given is below 1."
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v < 1: p.error(f"--{name.replace('_', '-')} {v}: must be a positive integer")
+
 def main(argv:list[str]|None=None) -> int:
     "Entry point of `ddpo-bench`."
     p = argparse.ArgumentParser(prog="ddpo-bench", description="Measure the sampler's and the trainer's overhead over their "
@@ -335,9 +345,7 @@ def main(argv:list[str]|None=None) -> int:
     p.add_argument("--plot", default=None, help="PNG of the epoch scaling plot (default: none)")
     a = p.parse_args(argv)
     if a.repeats < 5: p.error(f"--repeats {a.repeats}: medians need at least 5 timed repeats")
-    for name in ("threads", "batch_size", "steps", "samples", "train_batch_size"):
-        v = getattr(a, name)
-        if v is not None and v < 1: p.error(f"--{name.replace('_', '-')} {v}: must be a positive integer")
+    _check_positive(p, a, ("threads", "batch_size", "steps", "samples", "train_batch_size"))
     if a.eta is not None and not a.eta > 0: p.error(f"--eta {a.eta}: must be > 0 (the DDIM step needs noise for a log-probability)")
     default = SMALL["training"] if a.small else {k: v.default for k, v in inspect.signature(bench_training).parameters.items()}
     samples, tb = a.samples or default["samples"], a.train_batch_size or default["batch_size"]
@@ -447,18 +455,11 @@ def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "t
                 times = []
                 for e in range(repeats + 1):
                     progress(f"{mode}: epoch {e + 1} of {repeats + 1}{' (warm-up)' if e == 0 else ''}")
-                    _sync(); t0 = time.perf_counter()
-                    traj, rewards, prompts, error, _ = tr.sample_epoch(e)
-                    _sync(); t1 = time.perf_counter()
-                    adv, *_ = tr.compute_advantages(e, rewards, prompts, error)
-                    _sync(); t2 = time.perf_counter()
-                    tr.train_epoch(e, traj, adv)
-                    _sync(); t3 = time.perf_counter()
-                    if e: times.append((t1 - t0, t3 - t2))
-                return times
+                    times.append(time_epoch(tr, e))
+                return times[1:]
             times, mem = measure_peak_rss(epochs)
-            sample_s, train_s = statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
-            row = dict(mode=mode, sample_s=[t for t, _ in times], train_s=[t for _, t in times],
+            sample_s, train_s = statistics.median(t["sampling_s"] for t in times), statistics.median(t["training_s"] for t in times)
+            row = dict(mode=mode, sample_s=[t["sampling_s"] for t in times], train_s=[t["training_s"] for t in times],
                        images_per_s=samples / sample_s, trajectories_per_s=samples / train_s,
                        s_per_trajectory=(sample_s + train_s) / samples,
                        unet_tflop_per_trajectory=dict(sampling=num_steps * fwd / 1e12, training=num_steps * fwd_bwd / 1e12),
@@ -506,8 +507,7 @@ def gpu_main(argv:list[str]|None=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s (default: looked up by name)")
     p.add_argument("--out", default="bench-gpu.json")
     a = p.parse_args(argv)
-    for name in ("resolution", "steps", "samples", "sample_batch", "train_batch", "lora_rank", "repeats"):
-        if getattr(a, name) < 1: p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be a positive integer")
+    _check_positive(p, a, ("resolution", "steps", "samples", "sample_batch", "train_batch", "lora_rank", "repeats"))
     quiet_hf()
     try:
         res = gpu_throughput(model=a.model, resolution=a.resolution, num_steps=a.steps, samples=a.samples,
