@@ -43,7 +43,7 @@ setup(
     license='Apache-2.0',
     packages=find_packages(include=['ddpo_course', 'ddpo_course.*']),
     include_package_data=True,
-    package_data={'ddpo_course': ['data/*.txt', 'presets/*.yaml']},
+    package_data={'ddpo_course': ['data/*.txt', 'presets/*.yaml', 'toy/SHA256SUMS', 'toy/*.safetensors', 'toy/pipeline/*.json', 'toy/pipeline/*/*']},
     python_requires='>=' + cfg['min_python'],
     install_requires=requirements,
     extras_require={'dev': dev_requirements},

@@ -16,7 +16,8 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['AESTHETIC_URL', 'AESTHETIC_FILE', 'AESTHETIC_SHA256', 'AestheticMLP', 'cache_dir', 'sha256_of', 'fetch_file',
-           'load_aesthetic_mlp', 'image_batch', 'clip_preprocess', 'AestheticScorer']
+           'load_aesthetic_mlp', 'image_batch', 'clip_preprocess', 'AestheticScorer', 'ToyAestheticScorer',
+           'train_toy_aesthetic']
 
 # %% ../nbs/01_aesthetic.ipynb #9a6eefc7
 class AestheticMLP(nn.Module):
@@ -167,3 +168,43 @@ class AestheticScorer(nn.Module):
                 text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
             mlp = AestheticMLP()
         return cls(clip, mlp, image_size)
+
+# %% ../nbs/01_aesthetic.ipynb #9b063df4
+class ToyAestheticScorer(nn.Module):
+    "The shape world's aesthetic predictor: an `AestheticMLP` on `ShapeNet`'s L2-normalised image embedding."
+    def __init__(self, net:nn.Module, # a `ShapeNet` (the image encoder)
+                 mlp:AestheticMLP, # the rating head, `AestheticMLP(dim=64)`
+                ):
+        super().__init__()
+        self.net, self.mlp = net.eval().requires_grad_(False), mlp.eval().requires_grad_(False)
+
+    def train(self, mode:bool=True): return super().train(False)  # always eval: dropout off
+    @torch.no_grad()
+    def forward(self, images) -> torch.Tensor: return self.mlp(self.net.embed(image_batch(images))).float()
+
+    @classmethod
+    def from_package(cls, device:str|torch.device|None=None):
+        "The predictor shipped in `ddpo_course/toy`, its files' checksums verified."
+        from safetensors.torch import load_file
+        from ddpo_course.models import toy_dir, verify_checksums
+        from ddpo_course.world import load_shapenet
+        mlp = AestheticMLP(dim=64); mlp.load_state_dict(load_file(verify_checksums(toy_dir(), "aesthetic_head.safetensors")[0]))
+        return cls(load_shapenet(device), mlp.to(device))
+
+def train_toy_aesthetic(net:nn.Module, # the trained `ShapeNet`
+                        n_images:int=3000, # images rated
+                        rating_noise:float=0.5, # std of the noise added to each gold rating
+                        steps:int=2000, lr:float=1e-3, seed:int=0) -> tuple[AestheticMLP, list[float]]:
+    "An `AestheticMLP(dim=64)` fit to noisy gold ratings of world images embedded by `net`; its losses."
+    from ddpo_course.world import world_tensors, gold_score
+    g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
+    ims = world_tensors(n_images, seed + 2000)[0]
+    with torch.no_grad(): emb = net.embed(ims)
+    ratings = gold_score(ims) + rating_noise * torch.randn(n_images, generator=g)
+    mlp = AestheticMLP(dim=64); opt = torch.optim.AdamW(mlp.parameters(), lr=lr)
+    mlp.train(); losses = []
+    for _ in range(steps):
+        i = torch.randint(n_images, (256,), generator=g)
+        loss = F.mse_loss(mlp(emb[i]), ratings[i])
+        opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
+    return mlp.eval(), losses

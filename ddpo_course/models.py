@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_models.ipynb #37b23434
 from __future__ import annotations
-import gzip, json, re, tempfile
+import gzip, hashlib, json, re, tempfile
 from pathlib import Path
 
 import torch
@@ -13,8 +13,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 # %% auto #0
-__all__ = ['TINY', 'quiet_hf', 'check_model_source', 'load_pipeline', 'clip_tokenizer_files', 'clip_tokenizer',
-           'sd_ddim_scheduler', 'tiny_pipeline', 'same_weights', 'encode_prompts', 'encode_with_uncond']
+__all__ = ['TINY', 'TOY', 'CHECKSUMS', 'quiet_hf', 'check_model_source', 'load_pipeline', 'clip_tokenizer_files',
+           'clip_tokenizer', 'sd_ddim_scheduler', 'tiny_pipeline', 'same_weights', 'ModelFileError', 'toy_dir',
+           'toy_pipeline_dir', 'write_checksums', 'verify_checksums', 'encode_prompts', 'encode_with_uncond']
 
 # %% ../nbs/00_models.ipynb #229cdbd7
 def quiet_hf():
@@ -24,20 +25,22 @@ def quiet_hf():
     hfu.disable_progress_bars()
 
 # %% ../nbs/00_models.ipynb #c66fd099
-TINY = "tiny"  # the model name that builds the offline tiny pipeline instead of loading weights
+TINY = "tiny"  # the model name that builds the offline tiny pipeline (random weights) instead of loading weights
+TOY = "toy"    # the model name of the pretrained shape-world model shipped in the package (lesson 00b)
 
-def check_model_source(model:str|Path, # a hub id such as "CompVis/stable-diffusion-v1-4", a local folder, or "tiny"
+def check_model_source(model:str|Path, # a hub id such as "CompVis/stable-diffusion-v1-4", a local folder, "tiny" or "toy"
                       ) -> str:
-    "Raise a clear error if `model` is neither `TINY`, an existing folder, nor shaped like a hub id."
+    "Raise a clear error if `model` is neither `TINY`, `TOY`, an existing folder, nor shaped like a hub id."
     model = str(model)
-    if model == TINY or Path(model).expanduser().is_dir(): return model
+    if model in (TINY, TOY) or Path(model).expanduser().is_dir(): return model
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
-        raise FileNotFoundError(f"model={model!r}: no such folder, and not a hub id of the form 'org/name'. "
-                                f"Give an existing diffusers folder, a hub id, or {TINY!r} for the offline tiny pipeline.")
+        raise FileNotFoundError(f"model={model!r}: no such folder, and not a hub id of the form 'org/name'. Give an existing "
+                                f"diffusers folder, a hub id, {TOY!r} for the shipped shape-world model or {TINY!r} for the "
+                                "offline tiny pipeline with random weights.")
     return model
 
 # %% ../nbs/00_models.ipynb #8e315e9c
-def load_pipeline(model:str|Path, # hub id, local diffusers folder, or "tiny"
+def load_pipeline(model:str|Path, # hub id, local diffusers folder, "toy" (shipped, pretrained) or "tiny" (random)
                   dtype:torch.dtype=torch.float32, # dtype of every component
                   device:str|torch.device|None=None, # where to put the pipeline; None leaves it on the CPU
                   revision:str|None=None, # hub revision (branch, tag or commit)
@@ -48,6 +51,7 @@ def load_pipeline(model:str|Path, # hub id, local diffusers folder, or "tiny"
     model = check_model_source(model)
     if model == TINY: pipe = tiny_pipeline(seed=seed)
     else:
+        if model == TOY: model = toy_pipeline_dir()      # the shipped files, their checksums verified first
         pipe = StableDiffusionPipeline.from_pretrained(model, revision=revision, variant=variant,
                                                        safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -114,6 +118,56 @@ def same_weights(a:torch.nn.Module, b:torch.nn.Module) -> bool:
     "Whether two modules hold bit-identical parameters and buffers."
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+# %% ../nbs/00_models.ipynb #ae52f214
+class ModelFileError(FileNotFoundError):
+    "A shipped model file is missing or does not match its recorded checksum."
+
+CHECKSUMS = "SHA256SUMS"
+_REBUILD = {"pipeline": "00b_pretrain", "shapenet": "00a_world", "aesthetic": "01_aesthetic"}   # what writes each file
+
+def toy_dir() -> Path:
+    "The folder of the shipped shape-world models, inside the installed package."
+    import ddpo_course
+    return Path(ddpo_course.__file__).parent/"toy"
+
+def toy_pipeline_dir() -> Path:
+    "The shipped toy pipeline's diffusers folder, after checking every file against `SHA256SUMS`."
+    verify_checksums(toy_dir(), "pipeline/")
+    return toy_dir()/"pipeline"
+
+def _sha256(path:Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+    return h.hexdigest()
+
+def write_checksums(folder:str|Path) -> Path:
+    "Record the SHA-256 of every file under `folder` in `folder/SHA256SUMS` (the format `sha256sum -c` reads)."
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS and "__pycache__" not in p.parts)
+    (folder/CHECKSUMS).write_text("".join(f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files))
+    return folder/CHECKSUMS
+
+def verify_checksums(folder:str|Path, # a folder with a SHA256SUMS file
+                     prefix:str="", # check only the entries whose path starts with this
+                    ) -> list[Path]:
+    "The checked files under `folder` whose path starts with `prefix`, or a `ModelFileError` naming the first bad one."
+    folder, sums = Path(folder), Path(folder)/CHECKSUMS
+    if not sums.is_file(): raise ModelFileError(f"{sums} is missing: the package's model files cannot be checked. Reinstall ddpo_course.")
+    entries = [l.split("  ", 1) for l in sums.read_text().splitlines() if l.strip()]
+    entries = [(h, name) for h, name in entries if name.startswith(prefix)]
+    if not entries: raise ModelFileError(f"{sums} lists no file under {prefix!r}. Reinstall ddpo_course.")
+    out = []
+    for expected, name in entries:
+        path, nb = folder/name, _REBUILD.get(name.split("/")[0].split(".")[0], "00b_pretrain")
+        fix = (f"Reinstall ddpo_course, or rebuild the file from a clone of the repository with "
+               f"`nbdev_test --path nbs/{nb}.ipynb --flags slow`.")
+        if not path.is_file(): raise ModelFileError(f"shipped model file {path} is missing. {fix}")
+        if (got := _sha256(path)) != expected:
+            raise ModelFileError(f"shipped model file {path} is damaged: its SHA-256 is {got[:12]}..., {CHECKSUMS} records {expected[:12]}.... {fix}")
+        out.append(path)
+    return out
 
 # %% ../nbs/00_models.ipynb #2c7659f9
 @torch.no_grad()
