@@ -47,6 +47,7 @@ class RewardConfig:
     name: str = "brightness"           # a key of ddpo_course.rewards.REWARDS
     tiny: bool = True                  # tiny random-weight reward models (offline); False loads real weights
     prompts: str = "common_animals"    # a prompt set (ddpo_course.prompts.PROMPT_SETS) or a text file
+    monitor: list = field(default_factory=list)  # other rewards logged beside it every epoch, never optimised (e.g. [gold, alignment])
 
 @dataclass
 class TrainConfig:
@@ -214,6 +215,8 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     if m.mixed_precision not in ("no", "bf16", "fp16"): _err("model.mixed_precision", m.mixed_precision, "use 'no', 'bf16' or 'fp16'")
     if m.lora and m.lora_rank < 1: _err("model.lora_rank", m.lora_rank, "must be a positive integer")
     if r.name not in REWARDS: _err("reward.name", r.name, f"unknown reward; choose one of {', '.join(REWARDS)}")
+    bad = [n for n in r.monitor if n not in REWARDS]
+    if bad: _err("reward.monitor", r.monitor, f"unknown reward {bad[0]!r}; choose any of {', '.join(REWARDS)}")
     if r.prompts not in PROMPT_SETS and not Path(r.prompts).expanduser().is_file():
         _err("reward.prompts", r.prompts, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
     bad = [k for k in run.trackers if k not in TRACKERS]

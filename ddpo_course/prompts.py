@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 # %% auto #0
 __all__ = ['PROMPT_SETS', 'imagenet_animals', 'common_animals', 'prompts_from_file', 'pickapic_prompts', 'get_prompts',
-           'PromptDataset']
+           'shape_prompts', 'PromptDataset']
 
 # %% ../nbs/05_prompts.ipynb #93bcc753
 def _packaged(name:str) -> list[str]: return files("ddpo_course").joinpath("data", name).read_text().splitlines()
@@ -41,13 +41,24 @@ def pickapic_prompts(split:str="validation_unique") -> list[str]:
     ds = load_dataset("yuvalkirstain/pickapic_v1_no_images", split=split)
     return sorted({c.strip() for c in ds["caption"] if c and c.strip()})
 
-PROMPT_SETS = {"imagenet_animals": imagenet_animals, "common_animals": common_animals, "pickapic": pickapic_prompts}
+PROMPT_SETS = {"imagenet_animals": imagenet_animals, "common_animals": common_animals, "pickapic": pickapic_prompts,
+               "shapes": lambda: shape_prompts(), "shapes_rare": lambda: shape_prompts("rare"),
+               "shapes_heldout": lambda: shape_prompts("held-out")}
 
 def get_prompts(name:str) -> list[str]:
     "A named prompt set (`PROMPT_SETS`) or the prompts of a text file."
     if name in PROMPT_SETS: return PROMPT_SETS[name]()
     if Path(name).expanduser().is_file(): return prompts_from_file(name)
     raise ValueError(f"prompts={name!r}: not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
+
+# %% ../nbs/05_prompts.ipynb #377c2755
+def shape_prompts(kind:str="seen", # "seen" (common and rare pairs), "common", "rare" or "held-out"
+                 ) -> list[str]:
+    "Captions of the shape world for every background and every (colour, shape) pair of one kind."
+    from ddpo_course.world import ALL_PAIRS, BACKGROUNDS, caption, pair_kind
+    kinds = {"seen": ("common", "rare"), "common": ("common",), "rare": ("rare",), "held-out": ("held-out",)}
+    if kind not in kinds: raise ValueError(f"kind={kind!r}: choose one of {', '.join(kinds)}")
+    return [caption(c, s, b) for c, s in ALL_PAIRS if pair_kind(c, s) in kinds[kind] for b in BACKGROUNDS]
 
 # %% ../nbs/05_prompts.ipynb #2ea65f68
 class PromptDataset(Dataset):

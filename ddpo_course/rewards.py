@@ -17,7 +17,7 @@ from .aesthetic import AestheticScorer, clip_preprocess, image_batch
 # %% auto #0
 __all__ = ['RewardFn', 'REWARDS', 'RewardError', 'check_rewards', 'checked', 'aesthetic_reward', 'jpeg_kb',
            'jpeg_compressibility', 'jpeg_incompressibility', 'brightness', 'PickScore', 'pickscore_reward',
-           'get_reward']
+           'toy_aesthetic_reward', 'gold_reward', 'alignment_reward', 'get_reward']
 
 # %% ../nbs/05_rewards.ipynb #7c34f251
 RewardFn = Callable[..., Tensor]
@@ -114,6 +114,33 @@ def pickscore_reward(model:PickScore) -> RewardFn:
     "PickScore of each image for its prompt."
     return checked(lambda images, prompts: model(images, prompts), "pickscore")
 
+# %% ../nbs/05_rewards.ipynb #5fbe9244
+def toy_aesthetic_reward(scorer=None, # a `ToyAestheticScorer`; None loads the shipped one
+                        ) -> RewardFn:
+    "The shape world's learned aesthetic score of each image (ignores the prompt)."
+    from ddpo_course.aesthetic import ToyAestheticScorer
+    scorer = scorer or ToyAestheticScorer.from_package()
+    return checked(lambda images, prompts: scorer(images), "toy_aesthetic")
+
+def gold_reward() -> RewardFn:
+    "The shape world's hidden aesthetic rule, `gold_score` (ignores the prompt)."
+    from ddpo_course.world import gold_score
+    return checked(lambda images, prompts: gold_score(image_batch(images)), "gold")
+
+def alignment_reward(net=None, # a `ShapeNet`; None loads the shipped one
+                    ) -> RewardFn:
+    "log p(shape) + log p(colour) of the prompt's shape and colour, read by the perception network."
+    from ddpo_course.world import COLOURS, SHAPES, load_shapenet, parse_caption
+    net = net or load_shapenet()
+    def reward(images, prompts):
+        try: named = [parse_caption(p) for p in prompts]
+        except ValueError as e: raise RewardError(f"reward 'alignment': {e}") from None
+        with torch.no_grad(): out = net(image_batch(images))
+        shape = torch.tensor([SHAPES.index(s) for _, s, _ in named]); colour = torch.tensor([list(COLOURS).index(c) for c, _, _ in named])
+        lp = lambda logits, idx: logits.float().log_softmax(-1).cpu().gather(1, idx[:, None])[:, 0]
+        return lp(out["shape"], shape) + lp(out["colour"], colour)
+    return checked(reward, "alignment")
+
 # %% ../nbs/05_rewards.ipynb #d1eae2c0
 REWARDS = {
     "aesthetic": lambda device, tiny: aesthetic_reward(AestheticScorer.tiny() if tiny else AestheticScorer.from_pretrained(device)),
@@ -121,6 +148,9 @@ REWARDS = {
     "jpeg_compressibility": lambda device, tiny: jpeg_compressibility(),
     "jpeg_incompressibility": lambda device, tiny: jpeg_incompressibility(),
     "brightness": lambda device, tiny: brightness(),
+    "toy_aesthetic": lambda device, tiny: toy_aesthetic_reward(),   # the shape world's rewards are always offline
+    "gold": lambda device, tiny: gold_reward(),
+    "alignment": lambda device, tiny: alignment_reward(),
 }
 
 def get_reward(name:str, # one of `REWARDS`

@@ -107,6 +107,7 @@ def setup(self:DDPOTrainer):
         torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     self.prompts = get_prompts(cfg.reward.prompts)
     self.reward_fn = get_reward(cfg.reward.name, device=acc.device, tiny=cfg.reward.tiny)
+    self.monitor_fns = {n: get_reward(n, device=acc.device, tiny=cfg.reward.tiny) for n in cfg.reward.monitor}   # logged, never optimised
     if self.main:
         if cfg.run.overwrite and self.run_dir.exists(): shutil.rmtree(self.run_dir)
         (self.run_dir/"samples").mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ def sample_epoch(self:DDPOTrainer, epoch:int):
     trajs, futures, times = [], [], dict(sampling_s=0.0, decoding_s=0.0, scoring_s=0.0)
     def score(images, batch):
         t0 = time.perf_counter()
-        try: return self.reward_fn(images, batch), None
+        try: return (self.reward_fn(images, batch), {n: f(images, batch) for n, f in self.monitor_fns.items()}), None
         except RewardError as e: return None, str(e)
         finally: times["scoring_s"] += time.perf_counter() - t0
     batches = range(0, per_process, s.batch_size)
@@ -199,7 +200,8 @@ def sample_epoch(self:DDPOTrainer, epoch:int):
         results = [f.result() for f in futures]
     times["score_wait_s"] = time.perf_counter() - t0    # scoring not hidden behind sampling
     errors = [e for _, e in results if e]
-    rewards = torch.cat([r for r, _ in results]) if not errors else torch.full((per_process,), float("nan"))
+    rewards = torch.cat([r for (r, _), _ in results]) if not errors else torch.full((per_process,), float("nan"))
+    self.monitored = {n: torch.cat([m[n] for (_, m), _ in results]) for n in self.monitor_fns} if not errors else {}
     return Trajectory.cat(trajs), rewards, prompts, (errors[0] if errors else None), times
 
 DDPOTrainer.sample_epoch = sample_epoch
@@ -283,8 +285,9 @@ def save_grid(images:torch.Tensor, captions:list[str], path:str|Path, title:str=
     fig.savefig(path, dpi=80, bbox_inches="tight")
 
 def evaluate(self:DDPOTrainer, epoch:int):
-    "Sample the fixed evaluation prompts from the fixed seed; save the captioned grid and return the mean reward."
+    "Sample the fixed evaluation prompts from the fixed seed; save the captioned grid and return the mean reward (epoch -1: before any update)."
     cfg, result = self.cfg, None
+    stem, title = (f"eval-epoch-{epoch:04d}", f"epoch {epoch}") if epoch >= 0 else ("eval-before", "before training")
     if self.main:
         s = cfg.sample
         with torch.no_grad(), self.acc.autocast():
@@ -296,12 +299,12 @@ def evaluate(self:DDPOTrainer, epoch:int):
         else: error = None
     else: error = None
     if self.acc.gather(torch.tensor([error is not None], device=self.acc.device, dtype=torch.float32)).sum().item():
-        raise TrainingError(f"epoch {epoch}, evaluation: {error or 'the reward failed on the main process'}. "
+        raise TrainingError(f"{title}, evaluation: {error or 'the reward failed on the main process'}. "
                             f"The last checkpoint in {self.run_dir/'checkpoints'} is intact.")
     if self.main:
         save_grid(images, [f"{p}\n{cfg.reward.name} {r:.3f}" for p, r in zip(cfg.run.eval_prompts, rewards.tolist())],
-                  self.run_dir/"samples"/f"eval-epoch-{epoch:04d}.png", f"epoch {epoch}")
-        torch.save(images, self.run_dir/"samples"/f"eval-epoch-{epoch:04d}.pt")
+                  self.run_dir/"samples"/f"{stem}.png", title)
+        torch.save(images, self.run_dir/"samples"/f"{stem}.pt")
         result = rewards.mean().item()
     self.acc.wait_for_everyone()
     return result
@@ -360,22 +363,34 @@ def read_metrics(run_dir:str|Path) -> list[dict]:
     p = Path(run_dir)/"metrics.jsonl"
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
-def plot_reward_curve(run_dir:str|Path, path:str|Path|None=None, ax=None):
-    "Mean reward per epoch with a ±1 std band, and the evaluation reward; saved to `path` if given, else drawn on `ax` or a new figure."
+def plot_reward_curve(run_dir:str|Path, path:str|Path|None=None,
+                      ax=None, # an Axes, or one Axes per panel (the trained reward, then each monitored reward)
+                     ):
+    "Mean reward per epoch with a ±1 std band and the evaluation reward, and beside it each monitored reward; saved to `path` if given."
     m = read_metrics(run_dir)
-    ep = np.array([r["epoch"] for r in m]); mean = np.array([r["reward_mean"] for r in m]); std = np.array([r["reward_std"] for r in m])
-    if ax is None and path is not None:
-        from matplotlib.figure import Figure   # a file only: keep it out of pyplot (and of a notebook's displayed figures)
-        ax = Figure(figsize=(5, 3)).subplots()
-    elif ax is None:
-        import matplotlib.pyplot as plt
-        _, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(ep, mean, label="mean reward"); ax.fill_between(ep, mean - std, mean + std, alpha=0.2, label="±1 std")
+    monitors = [k[8:-5] for k in (m[0] if m else {}) if k.startswith("monitor_") and k.endswith("_mean")]
+    if ax is None:
+        size = (4.5 * (1 + len(monitors)), 3)
+        if path is not None:
+            from matplotlib.figure import Figure   # a file only: keep it out of pyplot (and of a notebook's displayed figures)
+            axs = Figure(figsize=size, layout="constrained").subplots(1, 1 + len(monitors), squeeze=False)[0]
+        else:
+            import matplotlib.pyplot as plt
+            axs = plt.subplots(1, 1 + len(monitors), figsize=size, squeeze=False, layout="constrained")[1][0]
+    else: axs = np.atleast_1d(ax)
+    ep = np.array([r["epoch"] for r in m])
+    def band(ax, key, label):
+        mean, std = np.array([r[f"{key}_mean"] for r in m]), np.array([r[f"{key}_std"] for r in m])
+        ax.plot(ep, mean, label=f"mean {label}"); ax.fill_between(ep, mean - std, mean + std, alpha=0.2, label="±1 std")
+        ax.set_xlabel("epoch"); ax.set_ylabel(label)
+    band(axs[0], "reward", "reward")
     ev = [(r["epoch"], r["eval_reward"]) for r in m if r.get("eval_reward") is not None]
-    if ev: ax.plot(*zip(*ev), "o", ms=3, label="eval prompts")
-    ax.set_xlabel("epoch"); ax.set_ylabel("reward"); ax.legend(fontsize=8)
-    if path is not None: ax.figure.savefig(path, dpi=80, bbox_inches="tight")
-    return ax
+    ev = [(-1, m[0]["eval_reward_before"])] * ("eval_reward_before" in (m[0] if m else {})) + ev
+    if ev: axs[0].plot(*zip(*ev), "o", ms=3, label="eval prompts")
+    axs[0].legend(fontsize=8)
+    for name, a in zip(monitors, axs[1:]): band(a, f"monitor_{name}", f"{name} (monitored)"); a.legend(fontsize=8)
+    if path is not None: axs[0].figure.savefig(path, dpi=80, bbox_inches="tight")
+    return axs[0] if len(axs) == 1 else axs
 
 def log_epoch(self:DDPOTrainer, metrics:dict, all_rewards:torch.Tensor):
     if self.trackers:
@@ -396,12 +411,17 @@ def train(self:DDPOTrainer):
     epochs = range(self.state.epoch + 1, cfg.train.epochs)
     self.log(f"DDPO: {cfg.model.name}, reward {cfg.reward.name}, {acc.num_processes} process(es) on {acc.device.type}, "
              f"epochs {epochs.start}-{cfg.train.epochs - 1}, run folder {self.run_dir}")
+    eval_before = self.evaluate(-1) if self.state.epoch == -1 else None   # the grid's first row: the model before any update
     mb = self._mb = master_bar(epochs) if self.main and cfg.run.progress else None
     for epoch in mb if mb is not None else epochs:
         t0 = time.perf_counter()
         traj, rewards, prompts, error, times = self.sample_epoch(epoch)
         t1 = time.perf_counter()
         adv, all_rewards, all_prompts = self.compute_advantages(epoch, rewards, prompts, error)
+        monitored = {}
+        for n, v in self.monitored.items():
+            v = acc.gather(v.to(acc.device)).cpu()
+            monitored.update({f"monitor_{n}_mean": v.mean().item(), f"monitor_{n}_std": v.std(unbiased=False).item()})
         t2 = time.perf_counter()
         stats = self.train_epoch(epoch, traj, adv)
         t3 = time.perf_counter()
@@ -415,10 +435,11 @@ def train(self:DDPOTrainer):
         metrics = dict(epoch=epoch, global_step=self.state.global_step, reward_mean=all_rewards.mean().item(),
                        reward_std=all_rewards.std(unbiased=False).item(), reward_min=all_rewards.min().item(),
                        reward_max=all_rewards.max().item(), reward_hist=hist.tolist(), reward_bins=edges.tolist(),
-                       **stats, lr=self.lr_sched.get_last_lr()[0], eval_reward=eval_reward,
+                       **monitored, **stats, lr=self.lr_sched.get_last_lr()[0], eval_reward=eval_reward,
                        **times,
                        gather_s=t2 - t1, training_s=t3 - t2, eval_s=t4 - t3, checkpoint_s=t5 - t4, epoch_s=t5 - t0,
                        samples_per_s=cfg.sample.samples_per_epoch / (t5 - t0))
+        if eval_before is not None and epoch == epochs.start: metrics["eval_reward_before"] = eval_before
         self.log_epoch(metrics, all_rewards)
         if mb is not None:
             mb.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "

@@ -19,7 +19,7 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddpo_course.train"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-def small(run_dir, *extra): return load_config("cpu", [f"run.dir={run_dir}", *SMALL, *extra])
+def small(run_dir, *extra): return load_config("tiny", [f"run.dir={run_dir}", *SMALL, *extra])
 
 def unet_output(unet):
     g = torch.Generator().manual_seed(0)
@@ -56,7 +56,7 @@ def weights_log(run_dir, rank): return [json.loads(l) for l in (Path(run_dir)/f"
 @pytest.mark.parametrize("lora", [False, True])
 def test_two_processes_save_resume_identical_ranks(tmp_path, lora):
     run = tmp_path/"run"
-    args = ["cpu", f"run.dir={run}", *SMALL, "run.checkpoint_every=1", "run.record_weights=true", "train.batch_size=2",
+    args = ["tiny", f"run.dir={run}", *SMALL, "run.checkpoint_every=1", "run.record_weights=true", "train.batch_size=2",
             f"model.lora={str(lora).lower()}"]
     subprocess.run(LAUNCH + args + ["train.epochs=2"], env=ENV, check=True, timeout=600, capture_output=True)
     subprocess.run(LAUNCH + args + ["train.epochs=3", "run.resume=true"], env=ENV, check=True, timeout=600, capture_output=True)
@@ -68,7 +68,7 @@ def test_two_processes_save_resume_identical_ranks(tmp_path, lora):
 def final_unet(run_dir): return load_file(str(Path(run_dir)/"final"/"unet"/"diffusion_pytorch_model.safetensors"))
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
-    args = [sys.executable, "-m", "ddpo_course.train", "cpu", *SMALL, "train.epochs=5", "run.checkpoint_every=1"]
+    args = [sys.executable, "-m", "ddpo_course.train", "tiny", *SMALL, "train.epochs=5", "run.checkpoint_every=1"]
     subprocess.run(args + [f"run.dir={tmp_path/'a'}"], env=ENV, check=True, timeout=600, capture_output=True)
     proc = subprocess.Popen(args + [f"run.dir={tmp_path/'b'}"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -123,7 +123,7 @@ BAD = [
 @pytest.mark.parametrize("override,message", BAD)
 def test_bad_config_value_fails_before_anything_loads(tmp_path, capsys, override, message):
     t0 = time.time()
-    assert main(["cpu", f"run.dir={tmp_path/'run'}", override]) == 2
+    assert main(["tiny", f"run.dir={tmp_path/'run'}", override]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path/"run").exists() and time.time() - t0 < 5
 
@@ -132,10 +132,10 @@ def test_unknown_preset(capsys):
 
 def test_samples_not_divisible_by_processes():
     from ddpo_course.config import ConfigError, validate
-    with pytest.raises(ConfigError, match="divisible by the number of processes"): validate(load_config("cpu", ["sample.samples_per_epoch=33"]), 2)
+    with pytest.raises(ConfigError, match="divisible by the number of processes"): validate(load_config("tiny", ["sample.samples_per_epoch=33"]), 2)
 
 def test_existing_run_is_never_overwritten_by_accident(tmp_path, capsys):
     run = tmp_path/"run"; run.mkdir(); (run/"metrics.jsonl").write_text('{"epoch": 0}\n')
-    assert main(["cpu", f"run.dir={run}"]) == 2
+    assert main(["tiny", f"run.dir={run}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (run/"metrics.jsonl").read_text() == '{"epoch": 0}\n'

@@ -1,0 +1,51 @@
+"""The shipped toy world: its files are packaged and checked, a damaged file stops loading with a clear message, and
+the toy model, rewards and prompts work through the public entry points."""
+import ast, fnmatch, shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpo_course.models as models
+from ddpo_course.config import ConfigError, load_config, validate
+from ddpo_course.models import ModelFileError, load_pipeline, toy_dir, verify_checksums
+from ddpo_course.rewards import RewardError, get_reward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def test_every_toy_file_is_packaged_and_checksummed():
+    setup = ast.parse((ROOT/"setup.py").read_text())
+    patterns = next(ast.literal_eval(k.value)["ddpo_course"] for node in ast.walk(setup) if isinstance(node, ast.Call)
+                    for k in node.keywords if k.arg == "package_data")
+    files = [p.relative_to(ROOT/"ddpo_course").as_posix() for p in toy_dir().rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert files and all(any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/") for pat in patterns) for f in files), files
+    listed = {l.split("  ", 1)[1] for l in (toy_dir()/"SHA256SUMS").read_text().splitlines()}
+    assert listed == {f[len("toy/"):] for f in files} - {"SHA256SUMS"}
+    assert sum((toy_dir()/f).stat().st_size for f in listed) < 20e6       # the issue's size budget
+
+def test_toy_pipeline_loads_with_diffusers_alone():
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(toy_dir()/"pipeline")
+    assert models.same_weights(pipe.unet, load_pipeline("toy").unet)
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_toy_file_names_the_file_and_the_fix(tmp_path, monkeypatch, damage):
+    copy = tmp_path/"toy"; shutil.copytree(toy_dir(), copy)
+    f = copy/"pipeline"/"vae"/"diffusion_pytorch_model.safetensors"
+    if damage == "truncate": f.write_bytes(f.read_bytes()[:100])
+    else: f.unlink()
+    monkeypatch.setattr(models, "toy_dir", lambda: copy)
+    with pytest.raises(ModelFileError, match=r"vae/diffusion_pytorch_model.safetensors is (damaged|missing).*00b_pretrain.ipynb --flags slow"):
+        load_pipeline("toy")
+
+def test_toy_rewards_on_world_images():
+    from ddpo_course.world import world_tensors
+    ims, caps, _, _ = world_tensors(16, seed=3)
+    for name in ("toy_aesthetic", "gold", "alignment"):
+        r = get_reward(name)(ims, caps)
+        assert r.shape == (16,) and torch.isfinite(r).all(), name
+    with pytest.raises(RewardError, match="not a shape-world caption"): get_reward("alignment")(ims[:1], ["a cat"])
+
+def test_monitor_must_name_known_rewards():
+    with pytest.raises(ConfigError, match="reward.monitor"): validate(load_config("cpu", ["reward.monitor=[gold, beauty]"]))
+    validate(load_config("cpu", ["run.dir=/nonexistent/run"]))   # the embedded default itself is valid
