@@ -169,7 +169,7 @@ class AestheticScorer(nn.Module):
             mlp = AestheticMLP()
         return cls(clip, mlp, image_size)
 
-# %% ../nbs/01_aesthetic.ipynb #2400cd81
+# %% ../nbs/01_aesthetic.ipynb #6ce94009
 class ToyAestheticScorer(nn.Module):
     "The shape world's aesthetic predictor: an `AestheticMLP` on `ShapeNet`'s L2-normalised image embedding."
     def __init__(self, net:nn.Module, # a `ShapeNet` (the image encoder)
