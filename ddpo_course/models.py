@@ -119,7 +119,7 @@ def same_weights(a:torch.nn.Module, b:torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
-# %% ../nbs/00_models.ipynb #6f93c6d1
+# %% ../nbs/00_models.ipynb #4bfa9dc8
 class ModelFileError(FileNotFoundError):
     "A shipped model file is missing or does not match its recorded checksum."
 

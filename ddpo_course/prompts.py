@@ -51,7 +51,7 @@ def get_prompts(name:str) -> list[str]:
     if Path(name).expanduser().is_file(): return prompts_from_file(name)
     raise ValueError(f"prompts={name!r}: not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
 
-# %% ../nbs/05_prompts.ipynb #0a5a77c5
+# %% ../nbs/05_prompts.ipynb #9f38b1d2
 def shape_prompts(kind:str="seen", # "seen" (common and rare pairs), "common", "rare" or "held-out"
                  ) -> list[str]:
     "Captions of the shape world for every background and every (colour, shape) pair of one kind."

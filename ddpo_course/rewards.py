@@ -114,7 +114,7 @@ def pickscore_reward(model:PickScore) -> RewardFn:
     "PickScore of each image for its prompt."
     return checked(lambda images, prompts: model(images, prompts), "pickscore")
 
-# %% ../nbs/05_rewards.ipynb #86f0404c
+# %% ../nbs/05_rewards.ipynb #6d427636
 def toy_aesthetic_reward(scorer=None, # a `ToyAestheticScorer`; None loads the shipped one
                         ) -> RewardFn:
     "The shape world's learned aesthetic score of each image (ignores the prompt)."
