@@ -88,7 +88,7 @@ def test_nan_reward_stops_with_named_epoch_and_intact_checkpoint(tmp_path):
     def flaky(images, prompts):
         calls["n"] += 1
         r = torch.rand(len(prompts))
-        if calls["n"] > 3: r[0] = float("nan")      # epoch 0: two sampling batches and the evaluation; epoch 1 fails
+        if calls["n"] > 4: r[0] = float("nan")      # the evaluation before training, then epoch 0: two batches and its evaluation; epoch 1 fails
         return r
     REWARDS["flaky_test"] = lambda device, tiny: checked(flaky, "flaky_test")
     try:
