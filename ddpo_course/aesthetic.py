@@ -180,7 +180,7 @@ class ToyAestheticScorer(nn.Module):
 
     def train(self, mode:bool=True): return super().train(False)  # always eval: dropout off
     @torch.no_grad()
-    def forward(self, images) -> torch.Tensor: return self.mlp(self.net.embed(image_batch(images))).float()
+    def forward(self, images) -> torch.Tensor: return self.mlp(self.net.embed(images)).float()   # embed converts any image form
 
     @classmethod
     def from_package(cls, device:str|torch.device|None=None):

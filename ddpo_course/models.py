@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_models.ipynb #37b23434
 from __future__ import annotations
-import gzip, hashlib, json, re, tempfile
+import gzip, json, re, tempfile
 from pathlib import Path
 
 import torch
@@ -120,6 +120,8 @@ def same_weights(a:torch.nn.Module, b:torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 # %% ../nbs/00_models.ipynb #4bfa9dc8
+from .aesthetic import sha256_of   # lesson 01's checked-download helper
+
 class ModelFileError(FileNotFoundError):
     "A shipped model file is missing or does not match its recorded checksum."
 
@@ -136,17 +138,11 @@ def toy_pipeline_dir() -> Path:
     verify_checksums(toy_dir(), "pipeline/")
     return toy_dir()/"pipeline"
 
-def _sha256(path:Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
-
 def write_checksums(folder:str|Path) -> Path:
     "Record the SHA-256 of every file under `folder` in `folder/SHA256SUMS` (the format `sha256sum -c` reads)."
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS and "__pycache__" not in p.parts)
-    (folder/CHECKSUMS).write_text("".join(f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files))
+    (folder/CHECKSUMS).write_text("".join(f"{sha256_of(p)}  {p.relative_to(folder).as_posix()}\n" for p in files))
     return folder/CHECKSUMS
 
 def verify_checksums(folder:str|Path, # a folder with a SHA256SUMS file
@@ -164,7 +160,7 @@ def verify_checksums(folder:str|Path, # a folder with a SHA256SUMS file
         fix = (f"Reinstall ddpo_course, or rebuild the file from a clone of the repository with "
                f"`nbdev_test --path nbs/{nb}.ipynb --flags slow`.")
         if not path.is_file(): raise ModelFileError(f"shipped model file {path} is missing. {fix}")
-        if (got := _sha256(path)) != expected:
+        if (got := sha256_of(path)) != expected:
             raise ModelFileError(f"shipped model file {path} is damaged: its SHA-256 is {got[:12]}..., {CHECKSUMS} records {expected[:12]}.... {fix}")
         out.append(path)
     return out

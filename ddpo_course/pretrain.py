@@ -15,8 +15,9 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from .aesthetic import image_batch
 from .models import clip_tokenizer, sd_ddim_scheduler, toy_dir, write_checksums, load_pipeline
-from .world import (ALL_PAIRS, BACKGROUNDS, COLOURS, SHAPES, caption, pair_kind, parse_caption, to_float,
+from .world import (ALL_PAIRS, BACKGROUNDS, COLOURS, SHAPES, caption, pair_kind, parse_caption,
                                world_tensors, load_shapenet)
 
 # %% auto #0
@@ -57,7 +58,7 @@ def train_vae(vae:AutoencoderKL, images:Tensor, # uint8 images [N, H, W, 3]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     vae.train(); losses = []
     for _ in range(steps):
-        x = to_float(images[torch.randint(len(images), (batch_size,), generator=g)]) * 2 - 1   # pixels in [-1, 1]
+        x = image_batch(images[torch.randint(len(images), (batch_size,), generator=g)]) * 2 - 1   # pixels in [-1, 1]
         post = vae.encode(x).latent_dist                                                     # q(z | x)
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)                 # z ~ q(z | x)
         rec = vae.decode(z).sample                                                           # x̂
@@ -72,7 +73,7 @@ def encode_world(vae:AutoencoderKL, images:Tensor, batch_size:int=500) -> tuple[
     "The encoder's mean and standard deviation `[N, 4, h, w]` for each image."
     means, stds = [], []
     for i in range(0, len(images), batch_size):
-        post = vae.encode(to_float(images[i:i + batch_size]) * 2 - 1).latent_dist
+        post = vae.encode(image_batch(images[i:i + batch_size]) * 2 - 1).latent_dist
         means.append(post.mean); stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
 
@@ -157,8 +158,9 @@ def alignment_rates(pipe:StableDiffusionPipeline, per_prompt:int=4, num_steps:in
     net = net or load_shapenet()
     prompts = [caption(c, s, b) for c, s in ALL_PAIRS for b in BACKGROUNDS for _ in range(per_prompt)]
     out = net(sample_images(pipe, prompts, num_steps, guidance_scale, seed))
-    want = torch.tensor([[SHAPES.index(parse_caption(p)[1]), list(COLOURS).index(parse_caption(p)[0])] for p in prompts])
+    named = [parse_caption(p) for p in prompts]                                    # (colour, shape, background)
+    want = torch.tensor([[SHAPES.index(s), list(COLOURS).index(c)] for c, s, _ in named])
     ok = (out["shape"].argmax(-1) == want[:, 0]) & (out["colour"].argmax(-1) == want[:, 1])
-    kinds = [pair_kind(*parse_caption(p)[:2]) for p in prompts]
+    kinds = [pair_kind(c, s) for c, s, _ in named]
     rates = {k: ok[[i for i, x in enumerate(kinds) if x == k]].float().mean().item() for k in ("common", "rare", "held-out")}
     return dict(overall=ok.float().mean().item(), **rates)

@@ -125,7 +125,7 @@ def toy_aesthetic_reward(scorer=None, # a `ToyAestheticScorer`; None loads the s
 def gold_reward() -> RewardFn:
     "The shape world's hidden aesthetic rule, `gold_score` (ignores the prompt)."
     from ddpo_course.world import gold_score
-    return checked(lambda images, prompts: gold_score(image_batch(images)), "gold")
+    return checked(lambda images, prompts: gold_score(images), "gold")
 
 def alignment_reward(net=None, # a `ShapeNet`; None loads the shipped one
                     ) -> RewardFn:
@@ -135,7 +135,7 @@ def alignment_reward(net=None, # a `ShapeNet`; None loads the shipped one
     def reward(images, prompts):
         try: named = [parse_caption(p) for p in prompts]
         except ValueError as e: raise RewardError(f"reward 'alignment': {e}") from None
-        with torch.no_grad(): out = net(image_batch(images))
+        with torch.no_grad(): out = net(images)
         shape = torch.tensor([SHAPES.index(s) for _, s, _ in named]); colour = torch.tensor([list(COLOURS).index(c) for c, _, _ in named])
         lp = lambda logits, idx: logits.float().log_softmax(-1).cpu().gather(1, idx[:, None])[:, 0]
         return lp(out["shape"], shape) + lp(out["colour"], colour)

@@ -15,13 +15,14 @@ from torch import nn, Tensor
 from torch.utils.data import Dataset
 from PIL import Image, ImageDraw
 
+from .aesthetic import image_batch
 from .models import toy_dir, verify_checksums, write_checksums
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLOURS', 'BACKGROUNDS', 'RARE', 'HELD_OUT', 'RARE_WEIGHT', 'IMAGE_SIZE', 'ALL_PAIRS', 'GOLD_WEIGHTS',
            'combo_weights', 'pair_kind', 'caption', 'parse_caption', 'Scene', 'draw_shape', 'random_scene', 'render',
-           'ShapeWorld', 'world_tensors', 'labels_of', 'to_float', 'gold_parts', 'gold_score', 'ShapeNet',
-           'perception_loss', 'train_shapenet', 'perception_accuracy', 'load_shapenet']
+           'ShapeWorld', 'world_tensors', 'labels_of', 'gold_parts', 'gold_score', 'ShapeNet', 'perception_loss',
+           'train_shapenet', 'perception_accuracy', 'load_shapenet']
 
 # %% ../nbs/00a_world.ipynb #00c83524
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -138,16 +139,9 @@ def labels_of(scenes:list[Scene]) -> tuple[Tensor, Tensor]:
 # %% ../nbs/00a_world.ipynb #93f33bde
 GOLD_WEIGHTS = dict(size=0.35, centred=0.25, saturated=0.2, contrast=0.2)
 
-def to_float(images) -> Tensor:
-    "uint8 `[B, H, W, 3]` (or float `[B, 3, H, W]` in [0, 1]) as float `[B, 3, H, W]` in [0, 1]."
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images)
-    if x.ndim == 3: x = x[None]
-    if x.shape[-1] == 3 and x.shape[1] != 3: x = x.permute(0, 3, 1, 2)
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
 def gold_parts(images) -> dict[str, Tensor]:
     "The four parts of the gold score, each `[B]` in [0, 1]."
-    x = to_float(images)
+    x = image_batch(images)
     B, _, H, W = x.shape
     border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=-1)
     bg = border.median(dim=-1).values                                                # background colour [B, 3]
@@ -181,10 +175,10 @@ class ShapeNet(nn.Module):
     def features(self, x:Tensor) -> Tensor: return self.body(x * 2 - 1).mean(dim=(2, 3))
     def embed(self, images) -> Tensor:
         "L2-normalised image embeddings `[B, dim]`."
-        return F.normalize(self.features(to_float(images).to(self.device)), dim=-1)
+        return F.normalize(self.features(image_batch(images, self.device)), dim=-1)
     def forward(self, images) -> dict[str, Tensor]:
         "Logits of shape, colour and background, and geometry (size/12, cx/H, cy/H)."
-        f = self.features(to_float(images).to(self.device))
+        f = self.features(image_batch(images, self.device))
         return dict(shape=self.shape(f), colour=self.colour(f), background=self.background(f), geometry=self.geometry(f))
 
 def perception_loss(out:dict, cls:Tensor, geo:Tensor) -> Tensor:
@@ -204,7 +198,7 @@ def train_shapenet(steps:int=800, # optimizer steps
     g, losses = torch.Generator().manual_seed(seed), []
     for _ in range(steps):
         i = torch.randint(n_images, (batch_size,), generator=g)
-        x = (to_float(ims[i]) + 0.03 * torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)).clamp(0, 1)
+        x = (image_batch(ims[i]) + 0.03 * torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)).clamp(0, 1)
         loss = perception_loss(net(x), cls[i], geo[i])
         opt.zero_grad(); loss.backward(); opt.step(); sched.step(); losses.append(loss.item())
     return net.eval(), losses
