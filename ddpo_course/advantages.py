@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['batch_normalize', 'PerPromptStatTracker']
+__all__ = ['batch_normalize', 'PerPromptStatTracker', 'group_normalize']
 
 # %% ../nbs/03_advantages.ipynb #27a36b1a
 def batch_normalize(rewards:Tensor, # rewards [B]
@@ -60,3 +60,14 @@ class PerPromptStatTracker:
     def load_state_dict(self, state:dict):
         self.buffer_size, self.min_count, self.eps = state["buffer_size"], state["min_count"], state["eps"]
         self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state["buffers"].items()}
+
+# %% ../nbs/03_advantages.ipynb #1f438adf
+def group_normalize(rewards:Tensor, # rewards [B], the k samples of each group next to each other
+                    group_size:int, # k, samples per group; must divide B
+                    eps:float=1e-6) -> Tensor:
+    "Advantages from each group's own mean and (population) standard deviation."
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if group_size < 1 or len(rewards) % group_size:
+        raise ValueError(f"group_size={group_size} must be a positive divisor of the number of rewards ({len(rewards)})")
+    g = rewards.reshape(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + eps)).reshape(-1)

@@ -41,6 +41,7 @@ class SampleConfig:
     eta: float = 1.0                   # DDIM noise scale, > 0
     samples_per_epoch: int = 32        # trajectories per epoch, over all processes
     batch_size: int = 16               # trajectories per sampling batch, per process
+    images_per_prompt: int = 1         # k: each drawn prompt is sampled k times in the same epoch (a group; see train.advantages)
 
 @dataclass
 class RewardConfig:
@@ -48,6 +49,8 @@ class RewardConfig:
     tiny: bool = True                  # tiny random-weight reward models (offline); False loads real weights
     prompts: str = "common_animals"    # a prompt set (ddpo_course.prompts.PROMPT_SETS) or a text file
     monitor: list = field(default_factory=list)  # other rewards logged beside it every epoch, never optimised (e.g. [gold, alignment])
+    heldout: str|None = None           # a prompt set or file never trained on: scored (reward and monitors) at each evaluation
+    heldout_samples: int = 16          # held-out samples per evaluation (the prompts in turn, from run.eval_seed)
 
 @dataclass
 class TrainConfig:
@@ -65,7 +68,8 @@ class TrainConfig:
     clip_range: float = 1e-4           # PPO ratio clip ε (per-dimension, see lesson 04)
     adv_clip_max: float = 5.0          # advantage clip
     method: str = "is"                 # "is" (clipped importance sampling) or "sf" (REINFORCE)
-    per_prompt_stats: bool = True      # per-prompt advantage normalisation (else batch)
+    advantages: str = "per_prompt"     # baseline: "per_prompt" (buffer of recent rewards), "group" (this epoch's k samples), "batch"
+    kl_coef: float = 0.0               # β of the KL penalty to the pretrained model (DPOK); kl_ref is logged even at 0
     stat_buffer_size: int = 32
     stat_min_count: int = 16
 
@@ -131,6 +135,8 @@ def _section_types(section:str) -> dict:
     cls = {"model": ModelConfig, "sample": SampleConfig, "reward": RewardConfig, "train": TrainConfig, "run": RunConfig}[section]
     return {f.name: f.type for f in dataclasses.fields(cls)}
 
+_RENAMED = {"train.per_prompt_stats": "train.advantages ('per_prompt', 'group' or 'batch'); per_prompt_stats=false is advantages=batch"}
+
 def config_from_dict(d:dict) -> Config:
     "A `Config` from nested dicts (as read from YAML); missing fields keep their defaults."
     cfg = Config()
@@ -145,6 +151,7 @@ def set_field(cfg:Config, path:str, value):
     section, _, key = path.partition(".")
     if section not in _SECTIONS: raise ConfigError(f"{path}: unknown section {section!r}; sections are {', '.join(_SECTIONS)}")
     types = _section_types(section)
+    if path in _RENAMED: raise ConfigError(f"{path} was replaced by {_RENAMED[path]}")
     if key not in types: raise ConfigError(f"{path}: unknown field; {section} has {', '.join(types)}")
     setattr(getattr(cfg, section), key, _coerce(path, value, types[key]))
 
@@ -210,15 +217,25 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     if (per_process // t.batch_size) % t.gradient_accumulation:
         _err("train.gradient_accumulation", t.gradient_accumulation, f"must divide the minibatches per process ({per_process // t.batch_size})")
     if t.method not in ("is", "sf"): _err("train.method", t.method, "use 'is' (clipped importance sampling) or 'sf' (REINFORCE)")
-    if t.per_prompt_stats and not 1 <= t.stat_min_count <= t.stat_buffer_size:
+    if s.images_per_prompt < 1: _err("sample.images_per_prompt", s.images_per_prompt, "must be a positive integer")
+    if per_process % s.images_per_prompt:
+        _err("sample.images_per_prompt", s.images_per_prompt, f"must divide the samples per process ({per_process}), so no group is split between processes")
+    if t.advantages not in ("per_prompt", "group", "batch"):
+        _err("train.advantages", t.advantages, "use 'per_prompt' (buffer of recent rewards), 'group' (needs sample.images_per_prompt >= 2) or 'batch'")
+    if t.advantages == "group" and s.images_per_prompt < 2:
+        _err("train.advantages", t.advantages, f"needs groups: set sample.images_per_prompt >= 2 (it is {s.images_per_prompt})")
+    if not (t.kl_coef >= 0 and t.kl_coef < float("inf")): _err("train.kl_coef", t.kl_coef, "must be a finite number >= 0 (0 disables the penalty)")
+    if t.advantages == "per_prompt" and not 1 <= t.stat_min_count <= t.stat_buffer_size:
         _err("train.stat_min_count", t.stat_min_count, f"must be between 1 and train.stat_buffer_size ({t.stat_buffer_size})")
     if m.mixed_precision not in ("no", "bf16", "fp16"): _err("model.mixed_precision", m.mixed_precision, "use 'no', 'bf16' or 'fp16'")
     if m.lora and m.lora_rank < 1: _err("model.lora_rank", m.lora_rank, "must be a positive integer")
     if r.name not in REWARDS: _err("reward.name", r.name, f"unknown reward; choose one of {', '.join(REWARDS)}")
     bad = [n for n in r.monitor if n not in REWARDS]
     if bad: _err("reward.monitor", r.monitor, f"unknown reward {bad[0]!r}; choose any of {', '.join(REWARDS)}")
-    if r.prompts not in PROMPT_SETS and not Path(r.prompts).expanduser().is_file():
-        _err("reward.prompts", r.prompts, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
+    for path, v in (("reward.prompts", r.prompts), ("reward.heldout", r.heldout)):
+        if v is not None and v not in PROMPT_SETS and not Path(v).expanduser().is_file():
+            _err(path, v, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
+    if r.heldout_samples < 1: _err("reward.heldout_samples", r.heldout_samples, "must be a positive integer")
     bad = [k for k in run.trackers if k not in TRACKERS]
     if bad: _err("run.trackers", run.trackers, f"unknown tracker {bad[0]!r}; use any of {', '.join(TRACKERS)}, or []")
     try: check_model_source(m.name)

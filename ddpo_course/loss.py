@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['LossOutput', 'ddpo_loss', 'plot_clipped_objective', 'clip_explorer']
+__all__ = ['LossOutput', 'ddpo_loss', 'plot_clipped_objective', 'clip_explorer', 'gaussian_kl']
 
 # %% ../nbs/04_loss.ipynb #4aa6dcfb
 @dataclass
@@ -48,7 +48,9 @@ def ddpo_loss(log_prob:Tensor, # log p_θ(x_t' | x_t, c) under the current weigh
 def plot_clipped_objective(clip_range:float=0.2, adv:float=1.0, adv_clip_max:float=5.0, ax=None):
     "Plot the per-sample objective -L^clip and its gradient sign against the ratio, for advantages +adv and -adv."
     ratio = torch.linspace(max(0., 1 - 4 * clip_range), 1 + 4 * clip_range, 401, requires_grad=True)
-    if ax is None: _, ax = plt.subplots(figsize=(5, 3))
+    if ax is None:
+        import matplotlib.pyplot as plt
+        _, ax = plt.subplots(figsize=(5, 3))
     for a, colour in ((abs(adv), "tab:green"), (-abs(adv), "tab:red")):
         per_sample = [-ddpo_loss(r.log()[None], torch.zeros(1), torch.tensor([a]), clip_range, adv_clip_max).loss for r in ratio]
         obj = torch.stack(per_sample)
@@ -64,7 +66,7 @@ def plot_clipped_objective(clip_range:float=0.2, adv:float=1.0, adv_clip_max:flo
 # %% ../nbs/04_loss.ipynb #7083f6d0
 def clip_explorer():
     "ipywidgets sliders for the clip range and the advantage, redrawing `plot_clipped_objective`."
-    import io, ipywidgets as widgets
+    import io, ipywidgets as widgets, matplotlib.pyplot as plt
     eps = widgets.FloatLogSlider(value=0.2, base=10, min=-4, max=0, step=0.1, description="ε (clip)")
     adv = widgets.FloatSlider(value=1.0, min=0.1, max=10, step=0.1, description="|A|")
     adv_max = widgets.FloatSlider(value=5.0, min=0.5, max=10, step=0.5, description="A max")
@@ -77,3 +79,13 @@ def clip_explorer():
     for w in (eps, adv, adv_max): w.observe(redraw, names="value")
     redraw()
     return widgets.VBox([eps, adv, adv_max, image])
+
+# %% ../nbs/04_loss.ipynb #f896d166
+def gaussian_kl(mean:Tensor, # μ_θ, the policy's step mean [B, ...]
+                ref_mean:Tensor, # μ_ref, the reference model's step mean at the same state [B, ...]
+                std:Tensor, # ησ_t, shared by both, broadcastable to `mean`
+               ) -> Tensor:
+    "KL between two Gaussian steps with the same standard deviation, averaged over dimensions: `[B]`."
+    std = std.float().clamp_min(torch.finfo(torch.float32).tiny)
+    kl = (mean.float() - ref_mean.float())**2 / (2 * std**2)                           # ‖μ_θ - μ_ref‖² / 2η²σ_t², per dimension
+    return kl.mean(dim=tuple(range(1, mean.ndim)))

@@ -16,8 +16,8 @@ from fastprogress.fastprogress import progress_bar
 from .models import encode_prompts, encode_with_uncond
 
 # %% auto #0
-__all__ = ['DDIMStep', 'ddim_step', 'guided_prediction', 'Trajectory', 'sample_trajectories', 'decode_latents', 'step_log_prob',
-           'trajectory_log_probs', 'show_trajectory', 'trajectory_viewer']
+__all__ = ['DDIMStep', 'ddim_step', 'guided_prediction', 'Trajectory', 'sample_trajectories', 'decode_latents', 'policy_step',
+           'step_log_prob', 'trajectory_log_probs', 'show_trajectory', 'trajectory_viewer']
 
 # %% ../nbs/02_ddim_logprob.ipynb #c6305dca
 @dataclass
@@ -167,15 +167,20 @@ def decode_latents(vae, # the pipeline's AutoencoderKL
     return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 # %% ../nbs/02_ddim_logprob.ipynb #cf1ea964
-def step_log_prob(unet, scheduler:DDIMScheduler, # scheduler with `set_timesteps` done
-                  latents:Tensor, # x_t [B, C, H, W]
-                  next_latents:Tensor, # the actions x_t' [B, C, H, W]
-                  timesteps:Tensor, # t [B]
-                  cond:Tensor, uncond:Tensor|None, # prompt and empty-prompt embeddings
-                  guidance_scale:float, eta:float) -> Tensor:
-    "log p_θ(x_t' | x_t, c) `[B]` under the current weights (differentiable)."
+def policy_step(unet, scheduler:DDIMScheduler, # scheduler with `set_timesteps` done
+                latents:Tensor, # x_t [B, C, H, W]
+                next_latents:Tensor, # the actions x_t' [B, C, H, W]
+                timesteps:Tensor, # t [B]
+                cond:Tensor, uncond:Tensor|None, # prompt and empty-prompt embeddings
+                guidance_scale:float, eta:float) -> DDIMStep:
+    "The policy's Gaussian step at x_t under the current weights, with the log-probability of `next_latents` (differentiable)."
     pred = guided_prediction(unet, latents, timesteps, cond, uncond, guidance_scale)
-    return ddim_step(scheduler, pred, timesteps, latents, eta=eta, prev_sample=next_latents).log_prob
+    return ddim_step(scheduler, pred, timesteps, latents, eta=eta, prev_sample=next_latents)
+
+def step_log_prob(unet, scheduler:DDIMScheduler, latents:Tensor, next_latents:Tensor, timesteps:Tensor,
+                  cond:Tensor, uncond:Tensor|None, guidance_scale:float, eta:float) -> Tensor:
+    "log p_θ(x_t' | x_t, c) `[B]` under the current weights (differentiable): `policy_step(...).log_prob`."
+    return policy_step(unet, scheduler, latents, next_latents, timesteps, cond, uncond, guidance_scale, eta).log_prob
 
 def trajectory_log_probs(pipe:StableDiffusionPipeline, traj:Trajectory, guidance_scale:float, eta:float=1.0) -> Tensor:
     "Every step's log-probability `[B, T]` of `traj` under the pipeline's current weights."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #75d40de8
 from __future__ import annotations
-import argparse, json, os, shutil, sys, time
+import argparse, copy, json, os, shutil, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +17,19 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from fastcore.imports import IN_IPYTHON
 from fastprogress.fastprogress import master_bar, progress_bar
 
-from .advantages import PerPromptStatTracker, batch_normalize
+from .advantages import PerPromptStatTracker, batch_normalize, group_normalize
 from .config import Config, ConfigError, config_to_dict, load_config, validate, preset_names
-from .loss import ddpo_loss
+from .loss import ddpo_loss, gaussian_kl
 from .models import load_pipeline, quiet_hf
 from .prompts import PromptDataset, get_prompts
 from .rewards import RewardError, get_reward
-from .sampling import Trajectory, decode_latents, sample_trajectories, step_log_prob
+from .sampling import Trajectory, decode_latents, policy_step, sample_trajectories, step_log_prob
 
 # %% auto #0
 __all__ = ['DTYPES', 'LORA_TARGETS', 'seed_for', 'generator', 'TrainingError', 'TrainState', 'latest_checkpoint', 'DDPOTrainer',
-           'setup', 'sample_epoch', 'compute_advantages', 'train_epoch', 'save_grid', 'evaluate', 'save_checkpoint',
-           'resume', 'save_final', 'read_metrics', 'plot_reward_curve', 'log_epoch', 'train', 'main']
+           'setup', 'image_diversity', 'sample_epoch', 'compute_advantages', 'train_epoch', 'reference_mean',
+           'save_grid', 'evaluate', 'save_checkpoint', 'resume', 'save_final', 'read_metrics', 'plot_reward_curve',
+           'log_epoch', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #210f7c18
 def seed_for(*keys:int) -> int:
@@ -106,6 +107,7 @@ def setup(self:DDPOTrainer):
     if acc.device.type == "cuda" and cfg.model.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     self.prompts = get_prompts(cfg.reward.prompts)
+    self.heldout_prompts = get_prompts(cfg.reward.heldout) if cfg.reward.heldout else []
     self.reward_fn = get_reward(cfg.reward.name, device=acc.device, tiny=cfg.reward.tiny)
     self.monitor_fns = {n: get_reward(n, device=acc.device, tiny=cfg.reward.tiny) for n in cfg.reward.monitor}   # logged, never optimised
     if self.main:
@@ -127,14 +129,16 @@ def setup(self:DDPOTrainer):
                                         init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         for p in unet.parameters():
             if p.requires_grad: p.data = p.data.float()
-    else: unet.requires_grad_(True).to(acc.device, torch.float32)
+    else:   # kl_ref's reference: a frozen copy of the pretrained UNet (with LoRA: the same UNet, adapters off)
+        self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(acc.device, self.weight_dtype).eval()
+        unet.requires_grad_(True).to(acc.device, torch.float32)
     if cfg.model.gradient_checkpointing: unet.enable_gradient_checkpointing()
     self.pipe, self.params = pipe, [p for p in unet.parameters() if p.requires_grad]
     t = cfg.train
     opt = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     self.unet, self.opt, self.lr_sched = acc.prepare(unet, opt, lr_sched)
-    self.tracker = PerPromptStatTracker(t.stat_buffer_size, t.stat_min_count) if t.per_prompt_stats else None
+    self.tracker = PerPromptStatTracker(t.stat_buffer_size, t.stat_min_count) if t.advantages == "per_prompt" else None
     acc.register_for_checkpointing(self.state)
     if self.tracker is not None: acc.register_for_checkpointing(self.tracker)
     if cfg.model.lora: _register_lora_hooks(self)
@@ -169,14 +173,24 @@ def _register_lora_hooks(self:DDPOTrainer):
 DDPOTrainer.setup = setup
 
 # %% ../nbs/06_train.ipynb #7b4062d9
+def image_diversity(images:torch.Tensor, # uint8 images [N, H, W, 3]
+                    group_size:int|None=None, # compare only within consecutive groups of this size; None: all pairs
+                   ) -> float:
+    "Mean pairwise RMS distance between images (pixels in [0, 1]): 0 when all are identical."
+    x = images.float().flatten(1) / 255
+    groups = x.reshape(-1, group_size or len(x), x.shape[1])
+    d = torch.cdist(groups, groups) / x.shape[1]**0.5                        # [G, k, k] RMS distances
+    k = groups.shape[1]
+    return (d.sum() / (len(groups) * k * (k - 1))).item() if k > 1 else 0.0
+
 def sample_epoch(self:DDPOTrainer, epoch:int):
     "This process's trajectories, rewards and prompts for `epoch`, with timings."
     cfg, acc, s = self.cfg, self.acc, self.cfg.sample
-    per_process = s.samples_per_epoch // acc.num_processes
-    ds = PromptDataset(self.prompts, per_process, seed=seed_for(cfg.run.seed, 1, acc.process_index))
+    per_process, k = s.samples_per_epoch // acc.num_processes, s.images_per_prompt
+    ds = PromptDataset(self.prompts, per_process // k, seed=seed_for(cfg.run.seed, 1, acc.process_index))
     ds.set_epoch(epoch)
-    prompts = list(ds)
-    trajs, futures, times = [], [], dict(sampling_s=0.0, decoding_s=0.0, scoring_s=0.0)
+    prompts = [p for p in ds for _ in range(k)]       # k samples of each prompt, side by side: the groups
+    trajs, futures, all_images, times = [], [], [], dict(sampling_s=0.0, decoding_s=0.0, scoring_s=0.0)
     def score(images, batch):
         t0 = time.perf_counter()
         try: return (self.reward_fn(images, batch), {n: f(images, batch) for n, f in self.monitor_fns.items()}), None
@@ -195,13 +209,16 @@ def sample_epoch(self:DDPOTrainer, epoch:int):
                 images = decode_latents(self.pipe.vae, traj.final_latents).cpu()
             t2 = time.perf_counter()
             times["sampling_s"] += t1 - t0; times["decoding_s"] += t2 - t1
-            trajs.append(traj); futures.append(pool.submit(score, images, batch))
+            trajs.append(traj); all_images.append(images); futures.append(pool.submit(score, images, batch))
         t0 = time.perf_counter()
         results = [f.result() for f in futures]
     times["score_wait_s"] = time.perf_counter() - t0    # scoring not hidden behind sampling
     errors = [e for _, e in results if e]
     rewards = torch.cat([r for (r, _), _ in results]) if not errors else torch.full((per_process,), float("nan"))
     self.monitored = {n: torch.cat([m[n] for (_, m), _ in results]) for n in self.monitor_fns} if not errors else {}
+    images = torch.cat(all_images)
+    self.diversity = dict(diversity=image_diversity(images))
+    if k > 1: self.diversity["diversity_prompt"] = image_diversity(images, k)
     return Trajectory.cat(trajs), rewards, prompts, (errors[0] if errors else None), times
 
 DDPOTrainer.sample_epoch = sample_epoch
@@ -216,7 +233,14 @@ def compute_advantages(self:DDPOTrainer, epoch:int, rewards:torch.Tensor, prompt
                             f"The last checkpoint in {self.run_dir/'checkpoints'} is intact.")
     all_rewards = acc.gather(rewards.to(acc.device)).cpu()
     all_prompts = gather_object(list(prompts)) if acc.num_processes > 1 else list(prompts)
-    adv = self.tracker.update(all_prompts, all_rewards) if self.tracker is not None else batch_normalize(all_rewards)
+    how = self.cfg.train.advantages
+    if how == "per_prompt": adv = self.tracker.update(all_prompts, all_rewards)
+    elif how == "group":
+        k = self.cfg.sample.images_per_prompt
+        if any(len(set(all_prompts[i:i + k])) > 1 for i in range(0, len(all_prompts), k)):   # groups never straddle processes
+            raise TrainingError(f"epoch {epoch}: a group of {k} samples holds different prompts; the advantages would be wrong")
+        adv = group_normalize(all_rewards, k)
+    else: adv = batch_normalize(all_rewards)
     return adv.reshape(acc.num_processes, -1)[acc.process_index], all_rewards, all_prompts
 
 DDPOTrainer.compute_advantages = compute_advantages
@@ -228,7 +252,7 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
     N, T = traj.log_probs.shape
     sched = self.pipe.scheduler; sched.set_timesteps(s.num_steps, device=acc.device)
     advantages = advantages.to(acc.device)
-    stats = dict(loss=[], approx_kl=[], clipfrac=[], grad_norm=[])
+    stats = dict(loss=[], approx_kl=[], clipfrac=[], grad_norm=[], kl_ref=[])
     self.unet.train()
     for inner in range(t.inner_epochs):
         g = generator(cfg.run.seed, 3, epoch, inner, acc.process_index)
@@ -243,11 +267,13 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
             mb = slice(b, b + t.batch_size)
             for j in range(self.n_train_steps):
                 with acc.accumulate(self.unet):
+                    args = (x_t[mb, j], x_next[mb, j], ts[mb, j], cond[mb], None if uncond is None else uncond[mb], s.guidance_scale, s.eta)
                     with acc.autocast():
-                        logp = step_log_prob(self.unet, sched, x_t[mb, j], x_next[mb, j], ts[mb, j], cond[mb],
-                                             None if uncond is None else uncond[mb], s.guidance_scale, s.eta)
-                    out = ddpo_loss(logp, old[mb, j], adv[mb], t.clip_range, t.adv_clip_max, t.method)
-                    acc.backward(out.loss)
+                        step = policy_step(self.unet, sched, *args)
+                        ref_mean = self.reference_mean(sched, args)
+                    out = ddpo_loss(step.log_prob, old[mb, j], adv[mb], t.clip_range, t.adv_clip_max, t.method)
+                    kl = gaussian_kl(step.mean, ref_mean, step.std).mean()             # KL(p_θ ‖ p_ref), this step
+                    acc.backward(out.loss + t.kl_coef * kl if t.kl_coef else out.loss)
                     if acc.sync_gradients:
                         norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm), dtype=torch.float32, device=acc.device)
                         if not torch.isfinite(norm):   # checked before the step: a bad gradient never reaches the weights
@@ -258,10 +284,20 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
                     if acc.sync_gradients:
                         self.state.global_step += 1
                         if cfg.run.record_weights: self._record_weights()
+                    stats["kl_ref"].append(kl.detach())
                     for k in ("loss", "approx_kl", "clipfrac"): stats[k].append(getattr(out, k).detach())   # no .item(): no GPU sync per step
-    keys = ("loss", "approx_kl", "clipfrac", "grad_norm")
+    keys = ("loss", "approx_kl", "clipfrac", "grad_norm", "kl_ref")
     local = torch.stack([torch.stack(stats[k]).float().mean() if stats[k] else torch.zeros((), device=acc.device) for k in keys])
     return dict(zip(keys, acc.reduce(local, reduction="mean").cpu().tolist()))
+
+@torch.no_grad()
+def reference_mean(self:DDPOTrainer, sched, args) -> torch.Tensor:
+    "The pretrained model's step mean μ_ref at the same states (`args` as for `policy_step`)."
+    if not self.cfg.model.lora: return policy_step(self.ref_unet, sched, *args).mean
+    unet = self.acc.unwrap_model(self.unet)
+    unet.disable_adapters()          # LoRA: the frozen base weights are the pretrained model
+    try: return policy_step(unet, sched, *args).mean
+    finally: unet.enable_adapters()
 
 def _record_weights(self:DDPOTrainer):
     "Append a checksum of the trained weights to this process's weights file (to check ranks stay identical)."
@@ -270,7 +306,7 @@ def _record_weights(self:DDPOTrainer):
                            head=vec[:8].tolist()))
     with open(self.run_dir/f"weights-rank{self.acc.process_index}.jsonl", "a") as f: f.write(line + "\n")
 
-DDPOTrainer.train_epoch = train_epoch
+DDPOTrainer.train_epoch, DDPOTrainer.reference_mean = train_epoch, reference_mean
 DDPOTrainer._record_weights = _record_weights
 
 # %% ../nbs/06_train.ipynb #a1a29a98
@@ -284,20 +320,30 @@ def save_grid(images:torch.Tensor, captions:list[str], path:str|Path, title:str=
     if title: fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=80, bbox_inches="tight")
 
-def evaluate(self:DDPOTrainer, epoch:int):
-    "Sample the fixed evaluation prompts from the fixed seed; save the captioned grid and return the mean reward (epoch -1: before any update)."
-    cfg, result = self.cfg, None
+def evaluate(self:DDPOTrainer, epoch:int) -> dict:
+    "Sample the fixed evaluation prompts from the fixed seed and save the captioned grid; score held-out prompts if any. Epoch -1: before any update."
+    cfg, result = self.cfg, {}
     stem, title = (f"eval-epoch-{epoch:04d}", f"epoch {epoch}") if epoch >= 0 else ("eval-before", "before training")
+    error = None
     if self.main:
         s = cfg.sample
-        with torch.no_grad(), self.acc.autocast():
-            traj = sample_trajectories(self.pipe, cfg.run.eval_prompts, s.num_steps, s.guidance_scale, s.eta,
-                                       generator=torch.Generator().manual_seed(cfg.run.eval_seed))
-            images = decode_latents(self.pipe.vae, traj.final_latents).cpu()
-        try: rewards = self.reward_fn(images, cfg.run.eval_prompts)
+        def draw(prompts, seed):
+            g, out = torch.Generator().manual_seed(seed), []
+            for b in range(0, len(prompts), s.batch_size):
+                with torch.no_grad(), self.acc.autocast():
+                    traj = sample_trajectories(self.pipe, prompts[b:b + s.batch_size], s.num_steps, s.guidance_scale, s.eta, generator=g)
+                    out.append(decode_latents(self.pipe.vae, traj.final_latents).cpu())
+            return torch.cat(out)
+        try:
+            images = draw(cfg.run.eval_prompts, cfg.run.eval_seed)
+            rewards = self.reward_fn(images, cfg.run.eval_prompts)
+            result["eval_reward"] = rewards.mean().item()
+            if self.heldout_prompts:   # prompts never trained on: the trained reward and every monitored one
+                held = [self.heldout_prompts[i % len(self.heldout_prompts)] for i in range(cfg.reward.heldout_samples)]
+                held_images = draw(held, cfg.run.eval_seed + 1)
+                result["heldout_reward"] = self.reward_fn(held_images, held).mean().item()
+                result.update({f"heldout_{n}": f(held_images, held).mean().item() for n, f in self.monitor_fns.items()})
         except RewardError as e: error = str(e)
-        else: error = None
-    else: error = None
     if self.acc.gather(torch.tensor([error is not None], device=self.acc.device, dtype=torch.float32)).sum().item():
         raise TrainingError(f"{title}, evaluation: {error or 'the reward failed on the main process'}. "
                             f"The last checkpoint in {self.run_dir/'checkpoints'} is intact.")
@@ -305,7 +351,7 @@ def evaluate(self:DDPOTrainer, epoch:int):
         save_grid(images, [f"{p}\n{cfg.reward.name} {r:.3f}" for p, r in zip(cfg.run.eval_prompts, rewards.tolist())],
                   self.run_dir/"samples"/f"{stem}.png", title)
         torch.save(images, self.run_dir/"samples"/f"{stem}.pt")
-        result = rewards.mean().item()
+        if self.heldout_prompts: torch.save(held_images, self.run_dir/"samples"/f"heldout-{stem[5:]}.pt")
     self.acc.wait_for_everyone()
     return result
 
@@ -364,31 +410,41 @@ def read_metrics(run_dir:str|Path) -> list[dict]:
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
 def plot_reward_curve(run_dir:str|Path, path:str|Path|None=None,
-                      ax=None, # an Axes, or one Axes per panel (the trained reward, then each monitored reward)
+                      ax=None, # an Axes, or one Axes per panel (the trained reward, each monitored reward, diversity)
                      ):
-    "Mean reward per epoch with a ±1 std band and the evaluation reward, and beside it each monitored reward; saved to `path` if given."
+    "Mean reward per epoch (±1 std band, evaluation and held-out points), each monitored reward beside it, and the samples' diversity; saved to `path` if given."
     m = read_metrics(run_dir)
-    monitors = [k[8:-5] for k in (m[0] if m else {}) if k.startswith("monitor_") and k.endswith("_mean")]
+    first = m[0] if m else {}
+    monitors = [k[8:-5] for k in first if k.startswith("monitor_") and k.endswith("_mean")]
+    panels = 1 + len(monitors) + ("diversity" in first)
     if ax is None:
-        size = (4.5 * (1 + len(monitors)), 3)
+        size = (4.5 * panels, 3)
         if path is not None:
             from matplotlib.figure import Figure   # a file only: keep it out of pyplot (and of a notebook's displayed figures)
-            axs = Figure(figsize=size, layout="constrained").subplots(1, 1 + len(monitors), squeeze=False)[0]
+            axs = Figure(figsize=size, layout="constrained").subplots(1, panels, squeeze=False)[0]
         else:
             import matplotlib.pyplot as plt
-            axs = plt.subplots(1, 1 + len(monitors), figsize=size, squeeze=False, layout="constrained")[1][0]
+            axs = plt.subplots(1, panels, figsize=size, squeeze=False, layout="constrained")[1][0]
     else: axs = np.atleast_1d(ax)
     ep = np.array([r["epoch"] for r in m])
     def band(ax, key, label):
         mean, std = np.array([r[f"{key}_mean"] for r in m]), np.array([r[f"{key}_std"] for r in m])
         ax.plot(ep, mean, label=f"mean {label}"); ax.fill_between(ep, mean - std, mean + std, alpha=0.2, label="±1 std")
         ax.set_xlabel("epoch"); ax.set_ylabel(label)
+    def points(ax, key, style, label):   # evaluations: every eval_every epochs, and once before the first update (epoch -1)
+        pts = [(-1, first[f"{key}_before"])] if f"{key}_before" in first else []
+        pts += [(r["epoch"], r[key]) for r in m if r.get(key) is not None]
+        if pts: ax.plot(*zip(*pts), style, ms=4, label=label)
     band(axs[0], "reward", "reward")
-    ev = [(r["epoch"], r["eval_reward"]) for r in m if r.get("eval_reward") is not None]
-    ev = [(-1, m[0]["eval_reward_before"])] * ("eval_reward_before" in (m[0] if m else {})) + ev
-    if ev: axs[0].plot(*zip(*ev), "o", ms=3, label="eval prompts")
+    points(axs[0], "eval_reward", "o", "eval prompts"); points(axs[0], "heldout_reward", "s", "held-out prompts")
     axs[0].legend(fontsize=8)
-    for name, a in zip(monitors, axs[1:]): band(a, f"monitor_{name}", f"{name} (monitored)"); a.legend(fontsize=8)
+    for name, a in zip(monitors, axs[1:]):
+        band(a, f"monitor_{name}", f"{name} (monitored)"); points(a, f"heldout_{name}", "s", "held-out prompts"); a.legend(fontsize=8)
+    if "diversity" in first:
+        a = axs[1 + len(monitors)]
+        for key, label in (("diversity", "all samples"), ("diversity_prompt", "same prompt")):
+            if key in first: a.plot(ep, [r[key] for r in m], label=label)
+        a.set_xlabel("epoch"); a.set_ylabel("diversity (mean pairwise RMS)"); a.set_ylim(bottom=0); a.legend(fontsize=8)
     if path is not None: axs[0].figure.savefig(path, dpi=80, bbox_inches="tight")
     return axs[0] if len(axs) == 1 else axs
 
@@ -427,7 +483,7 @@ def train(self:DDPOTrainer):
         t3 = time.perf_counter()
         self.state.epoch = epoch
         last = epoch == cfg.train.epochs - 1
-        eval_reward = self.evaluate(epoch) if epoch % cfg.run.eval_every == 0 or last else None
+        evals = self.evaluate(epoch) if epoch % cfg.run.eval_every == 0 or last else {}
         t4 = time.perf_counter()
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last: self.save_checkpoint(epoch)
         t5 = time.perf_counter()
@@ -435,11 +491,12 @@ def train(self:DDPOTrainer):
         metrics = dict(epoch=epoch, global_step=self.state.global_step, reward_mean=all_rewards.mean().item(),
                        reward_std=all_rewards.std(unbiased=False).item(), reward_min=all_rewards.min().item(),
                        reward_max=all_rewards.max().item(), reward_hist=hist.tolist(), reward_bins=edges.tolist(),
-                       **monitored, **stats, lr=self.lr_sched.get_last_lr()[0], eval_reward=eval_reward,
+                       **monitored, **stats, **self.diversity, lr=self.lr_sched.get_last_lr()[0],
+                       eval_reward=evals.pop("eval_reward", None), **evals,
                        **times,
                        gather_s=t2 - t1, training_s=t3 - t2, eval_s=t4 - t3, checkpoint_s=t5 - t4, epoch_s=t5 - t0,
                        samples_per_s=cfg.sample.samples_per_epoch / (t5 - t0))
-        if eval_before is not None and epoch == epochs.start: metrics["eval_reward_before"] = eval_before
+        if eval_before is not None and epoch == epochs.start: metrics.update({f"{k}_before": v for k, v in eval_before.items()})
         self.log_epoch(metrics, all_rewards)
         if mb is not None:
             mb.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "

@@ -139,3 +139,41 @@ def test_existing_run_is_never_overwritten_by_accident(tmp_path, capsys):
     assert main(["tiny", f"run.dir={run}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (run/"metrics.jsonl").read_text() == '{"epoch": 0}\n'
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_to_reference_is_zero_before_training_and_the_penalty_pulls_back(tmp_path, lora):
+    from ddpo_course.loss import gaussian_kl
+    from ddpo_course.sampling import policy_step, sample_trajectories
+    trainer = DDPOTrainer(small(tmp_path/"setup", f"model.lora={str(lora).lower()}")).setup()
+    pipe, s = trainer.pipe, trainer.cfg.sample
+    traj = sample_trajectories(pipe, ["cat", "owl"], s.num_steps, s.guidance_scale, s.eta, generator=torch.Generator().manual_seed(0))
+    args = (traj.latents[:, 1], traj.latents[:, 2], traj.timesteps[:, 1], traj.prompt_embeds, traj.uncond_embeds, s.guidance_scale, s.eta)
+    with torch.no_grad(): step = policy_step(trainer.unet, pipe.scheduler, *args)
+    assert (gaussian_kl(step.mean, trainer.reference_mean(pipe.scheduler, args), step.std) == 0).all()
+    if not lora: assert trainer.ref_unet is not trainer.acc.unwrap_model(trainer.unet)     # full fine-tuning: a frozen copy
+    # the same run with and without the penalty: with it, the policy stays measurably closer to the pretrained model
+    extra = ["train.epochs=3", "train.learning_rate=3e-3", f"model.lora={str(lora).lower()}"]
+    free = DDPOTrainer(small(tmp_path/"free", *extra)).train()
+    held = DDPOTrainer(small(tmp_path/"held", *extra, "train.kl_coef=100")).train()
+    assert all(m["kl_ref"] >= 0 for m in free + held) and free[-1]["kl_ref"] > 0
+    assert held[-1]["kl_ref"] < 0.5 * free[-1]["kl_ref"], (held[-1]["kl_ref"], free[-1]["kl_ref"])
+
+def test_groups_held_out_prompts_and_diversity_two_processes(tmp_path):
+    run = tmp_path/"run"
+    args = ["tiny", f"run.dir={run}", *SMALL, "train.batch_size=2", "train.epochs=2", "run.eval_every=1",
+            "sample.images_per_prompt=2", "train.advantages=group", "reward.heldout=imagenet_animals", "reward.heldout_samples=4"]
+    subprocess.run(LAUNCH + args, env=ENV, check=True, timeout=600, capture_output=True)   # a split group would stop the run
+    m = read_metrics(run)
+    assert [r["epoch"] for r in m] == [0, 1]
+    for r in m:
+        assert r["diversity"] > 0 and r["diversity_prompt"] > 0 and isinstance(r["heldout_reward"], float)
+    assert "heldout_reward_before" in m[0] and (run/"samples"/"heldout-before.pt").exists()
+
+def test_image_diversity():
+    from ddpo_course.train import image_diversity
+    same = torch.full((4, 8, 8, 3), 100, dtype=torch.uint8)
+    assert image_diversity(same) == 0
+    two = torch.stack([torch.zeros(8, 8, 3), torch.full((8, 8, 3), 255.)]).to(torch.uint8)
+    assert abs(image_diversity(two) - 1.0) < 1e-6                                    # black against white: RMS distance 1
+    pairs = torch.cat([two[:1], two[:1], two[1:], two[1:]])                           # groups of identical images
+    assert image_diversity(pairs, 2) == 0 and image_diversity(pairs) > 0.6
