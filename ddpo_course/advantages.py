@@ -61,7 +61,7 @@ class PerPromptStatTracker:
         self.buffer_size, self.min_count, self.eps = state["buffer_size"], state["min_count"], state["eps"]
         self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state["buffers"].items()}
 
-# %% ../nbs/03_advantages.ipynb #1f438adf
+# %% ../nbs/03_advantages.ipynb #c1308b3e
 def group_normalize(rewards:Tensor, # rewards [B], the k samples of each group next to each other
                     group_size:int, # k, samples per group; must divide B
                     eps:float=1e-6) -> Tensor:

@@ -80,7 +80,7 @@ def clip_explorer():
     redraw()
     return widgets.VBox([eps, adv, adv_max, image])
 
-# %% ../nbs/04_loss.ipynb #f896d166
+# %% ../nbs/04_loss.ipynb #f7fd0b2a
 def gaussian_kl(mean:Tensor, # μ_θ, the policy's step mean [B, ...]
                 ref_mean:Tensor, # μ_ref, the reference model's step mean at the same state [B, ...]
                 std:Tensor, # ησ_t, shared by both, broadcastable to `mean`

@@ -70,7 +70,7 @@ def ddim_step(scheduler:DDIMScheduler, # its `set_timesteps` fixes the schedule
         noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
         prev_sample = mean + std * noise                                                     # x_t' = μ + ησz
     prev_sample = prev_sample.float()
-    safe_std = std.clamp_min(torch.finfo(torch.float32).tiny)
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))                              # σ=0: any finite value, masked below
     log_prob = (-(prev_sample.detach() - mean)**2 / (2 * safe_std**2) - safe_std.log() - math.log(math.sqrt(2 * math.pi)))
     log_prob = log_prob.mean(dim=tuple(range(1, x_t.ndim)))                                  # mean over dimensions
     log_prob = torch.where(std.reshape(-1) > 0, log_prob, torch.zeros_like(log_prob))        # σ=0: a sure step
