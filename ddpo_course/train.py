@@ -26,10 +26,10 @@ from .rewards import RewardError, get_reward
 from .sampling import Trajectory, decode_latents, policy_step, sample_trajectories, step_log_prob
 
 # %% auto #0
-__all__ = ['DTYPES', 'LORA_TARGETS', 'seed_for', 'generator', 'TrainingError', 'TrainState', 'latest_checkpoint', 'DDPOTrainer',
-           'setup', 'image_diversity', 'sample_epoch', 'compute_advantages', 'train_epoch', 'reference_mean',
-           'save_grid', 'evaluate', 'save_checkpoint', 'resume', 'save_final', 'read_metrics', 'plot_reward_curve',
-           'log_epoch', 'train', 'main']
+__all__ = ['DTYPES', 'LORA_TARGETS', 'seed_for', 'generator', 'TrainingError', 'TrainState', 'wandb_logged_in',
+           'latest_checkpoint', 'DDPOTrainer', 'setup', 'image_diversity', 'sample_epoch', 'compute_advantages',
+           'train_epoch', 'reference_mean', 'save_grid', 'evaluate', 'save_checkpoint', 'resume', 'save_final',
+           'read_metrics', 'plot_reward_curve', 'log_epoch', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #210f7c18
 def seed_for(*keys:int) -> int:
@@ -63,6 +63,13 @@ def _trackers(names:list[str]) -> list[str]:
     if missing: raise ConfigError(f"run.trackers={names!r}: {missing[0]} is not installed (pip install {missing[0]}), or use []")
     return list(names)
 
+def wandb_logged_in() -> bool:
+    "Whether Weights & Biases has credentials: `WANDB_API_KEY`, or a `wandb login` stored in the netrc file."
+    if os.environ.get("WANDB_API_KEY"): return True
+    import netrc
+    try: return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError): return False
+
 def _bar(items, show:bool, parent=None):
     "A progress bar over `items` when `show`, else the items themselves."
     return progress_bar(items, leave=False, parent=parent) if show else items
@@ -80,7 +87,7 @@ class DDPOTrainer:
         self.run_dir = Path(cfg.run.dir).expanduser()
         validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))   # fail fast, before accelerate starts
         trackers = _trackers(cfg.run.trackers)
-        if "wandb" in trackers: os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+        if "wandb" in trackers: os.environ.setdefault("WANDB_MODE", "online" if wandb_logged_in() else "offline")
         n_train = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
         cpu_processes = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()  # torchrun on CPUs: gloo data parallel
         self.acc = accelerator or Accelerator(
@@ -195,6 +202,7 @@ def sample_epoch(self:DDPOTrainer, epoch:int):
         t0 = time.perf_counter()
         try: return (self.reward_fn(images, batch), {n: f(images, batch) for n, f in self.monitor_fns.items()}), None
         except RewardError as e: return None, str(e)
+        except Exception as e: return None, f"reward {cfg.reward.name!r} failed: {type(e).__name__}: {e}"   # out of memory, a bug...
         finally: times["scoring_s"] += time.perf_counter() - t0
     batches = range(0, per_process, s.batch_size)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -344,6 +352,7 @@ def evaluate(self:DDPOTrainer, epoch:int) -> dict:
                 result["heldout_reward"] = self.reward_fn(held_images, held).mean().item()
                 result.update({f"heldout_{n}": f(held_images, held).mean().item() for n, f in self.monitor_fns.items()})
         except RewardError as e: error = str(e)
+        except Exception as e: error = f"{type(e).__name__}: {e}"   # sampling or scoring: stop every process, not only this one
     if self.acc.gather(torch.tensor([error is not None], device=self.acc.device, dtype=torch.float32)).sum().item():
         raise TrainingError(f"{title}, evaluation: {error or 'the reward failed on the main process'}. "
                             f"The last checkpoint in {self.run_dir/'checkpoints'} is intact.")

@@ -177,3 +177,23 @@ def test_image_diversity():
     assert abs(image_diversity(two) - 1.0) < 1e-6                                    # black against white: RMS distance 1
     pairs = torch.cat([two[:1], two[:1], two[1:], two[1:]])                           # groups of identical images
     assert image_diversity(pairs, 2) == 0 and image_diversity(pairs) > 0.6
+
+FAILING_REWARD = '''
+import os, sys, torch
+from ddpo_course.rewards import REWARDS
+from ddpo_course.train import main
+def reward(images, prompts):
+    if os.environ.get("RANK") == "1": raise RuntimeError("CUDA out of memory (simulated)")
+    return torch.rand(len(prompts))
+REWARDS["oom_test"] = lambda device, tiny: reward      # raises something other than RewardError
+sys.exit(main(sys.argv[1:]))
+'''
+
+def test_any_reward_failure_on_one_process_stops_all_processes_with_the_error(tmp_path):
+    script = tmp_path/"run_failing.py"; script.write_text(FAILING_REWARD)
+    cmd = LAUNCH[:-2] + [str(script), "tiny", f"run.dir={tmp_path/'run'}", *SMALL, "train.batch_size=2", "reward.name=oom_test"]
+    t0 = time.time()
+    out = subprocess.run(cmd, env=ENV, timeout=300, capture_output=True, text=True)
+    assert out.returncode != 0 and time.time() - t0 < 300
+    assert "training stopped: epoch 0: reward 'oom_test' failed: RuntimeError: CUDA out of memory (simulated)" in out.stderr
+    assert "a reward failed on another process" in out.stderr     # rank 0 stops too, with its own clear message
