@@ -403,7 +403,9 @@ def save_final(self:DDPOTrainer):
             from peft.utils import get_peft_model_state_dict
             from diffusers import StableDiffusionPipeline
             from diffusers.utils import convert_state_dict_to_diffusers
-            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+            StableDiffusionPipeline.save_lora_weights(   # with the adapter's config, so a lora_alpha != rank reloads at its scale
+                out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
         else:
             self.pipe.unet = unet
             self.pipe.save_pretrained(out)

@@ -37,8 +37,9 @@ def test_full_finetune_one_process(tmp_path):
     for f in ("metrics.jsonl", "reward_curve.png", "config.yaml", "samples/eval-epoch-0000.png", "samples/eval-epoch-0001.png"):
         assert (tmp_path/"run"/f).exists(), f
 
-def test_lora_one_process(tmp_path):
-    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "model.lora=true", "model.lora_rank=4"))
+@pytest.mark.parametrize("alpha", ["null", "16"])   # alpha != rank: the scale must survive the export
+def test_lora_one_process(tmp_path, alpha):
+    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "model.lora=true", "model.lora_rank=4", f"model.lora_alpha={alpha}"))
     trainer.train()
     trained = trainer.acc.unwrap_model(trainer.unet)
     assert all(p.dtype == torch.float32 for p in trainer.params) and all("lora" in n for n, p in trained.named_parameters() if p.requires_grad)
