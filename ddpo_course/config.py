@@ -16,9 +16,9 @@ from .prompts import PROMPT_SETS
 from .rewards import REWARDS
 
 # %% auto #0
-__all__ = ['TRACKERS', 'ModelConfig', 'SampleConfig', 'RewardConfig', 'TrainConfig', 'RunConfig', 'Config', 'ConfigError',
-           'config_from_dict', 'set_field', 'apply_overrides', 'config_to_dict', 'preset_names', 'load_config',
-           'validate']
+__all__ = ['TRACKERS', 'RESUMABLE', 'ModelConfig', 'SampleConfig', 'RewardConfig', 'TrainConfig', 'RunConfig', 'Config',
+           'ConfigError', 'config_from_dict', 'set_field', 'apply_overrides', 'config_to_dict', 'preset_names',
+           'load_config', 'config_changes', 'validate']
 
 # %% ../nbs/06_config.ipynb #69d11914
 @dataclass
@@ -87,6 +87,7 @@ class RunConfig:
     trackers: list = field(default_factory=lambda: ["auto"])  # "tensorboard", "wandb", "auto" (those installed), or []
     progress: bool = True              # progress bars on the main process
     record_weights: bool = False       # write a per-rank checksum of the trained weights after every optimizer step
+    allow_config_change: bool = False  # let run.resume continue with a configuration that changes the run's meaning
 
 @dataclass
 class Config:
@@ -192,6 +193,14 @@ def load_config(source:str|None=None, # a preset name, a YAML file, or None for 
 # %% ../nbs/06_config.ipynb #f3e69e99
 TRACKERS = ("tensorboard", "wandb", "auto")
 
+RESUMABLE = {"train.epochs", "reward.monitor", "reward.heldout", "reward.heldout_samples"} | {
+    f"run.{f.name}" for f in dataclasses.fields(RunConfig) if f.name != "seed"}   # what a resume may change: length, logging
+
+def config_changes(saved:dict, new:dict) -> list[str]:
+    "'section.field: old -> new' for each field outside `RESUMABLE` that differs between two config dicts."
+    return [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}" for s, fields in new.items() for k, v in fields.items()
+            if f"{s}.{k}" not in RESUMABLE and saved.get(s, {}).get(k) != v]
+
 def _err(path, value, accepted): raise ConfigError(f"{path}={value!r}: {accepted}")
 
 def validate(cfg:Config, num_processes:int=1) -> Config:
@@ -246,4 +255,9 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
         _err("run.dir", run.dir, "already holds a run; set run.resume=true to continue it, run.overwrite=true to replace it, or choose another folder")
     if run.resume and not (d/"checkpoints").is_dir():
         _err("run.resume", True, f"but {d} has no checkpoints folder to resume from; start a new run with run.resume=false")
+    if run.resume and not run.allow_config_change and (d/"config.yaml").exists():
+        changed = config_changes(yaml.safe_load((d/"config.yaml").read_text()), config_to_dict(cfg))
+        if changed:
+            raise ConfigError(f"run.resume=true would continue {d} with a different configuration: {'; '.join(changed)}. Resume with "
+                              f"the saved one (ddpo-train {d/'config.yaml'} run.resume=true), or set run.allow_config_change=true")
     return cfg
