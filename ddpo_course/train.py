@@ -480,6 +480,7 @@ def train(self:DDPOTrainer):
              f"epochs {epochs.start}-{cfg.train.epochs - 1}, run folder {self.run_dir}")
     eval_before = self.evaluate(-1) if self.state.epoch == -1 else None   # the grid's first row: the model before any update
     mb = self._mb = master_bar(epochs) if self.main and cfg.run.progress else None
+    checkpoint_s = 0.0     # the checkpoint written after a metrics line is timed in the next line
     for epoch in mb if mb is not None else epochs:
         t0 = time.perf_counter()
         traj, rewards, prompts, error, times = self.sample_epoch(epoch)
@@ -496,8 +497,6 @@ def train(self:DDPOTrainer):
         last = epoch == cfg.train.epochs - 1
         evals = self.evaluate(epoch) if epoch % cfg.run.eval_every == 0 or last else {}
         t4 = time.perf_counter()
-        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last: self.save_checkpoint(epoch)
-        t5 = time.perf_counter()
         hist, edges = np.histogram(all_rewards.numpy(), bins=10)
         metrics = dict(epoch=epoch, global_step=self.state.global_step, reward_mean=all_rewards.mean().item(),
                        reward_std=all_rewards.std(unbiased=False).item(), reward_min=all_rewards.min().item(),
@@ -505,13 +504,16 @@ def train(self:DDPOTrainer):
                        **monitored, **stats, **self.diversity, lr=self.lr_sched.get_last_lr()[0],
                        eval_reward=evals.pop("eval_reward", None), **evals,
                        **times,
-                       gather_s=t2 - t1, training_s=t3 - t2, eval_s=t4 - t3, checkpoint_s=t5 - t4, epoch_s=t5 - t0,
-                       samples_per_s=cfg.sample.samples_per_epoch / (t5 - t0))
+                       gather_s=t2 - t1, training_s=t3 - t2, eval_s=t4 - t3, checkpoint_s=checkpoint_s,
+                       epoch_s=t4 - t0 + checkpoint_s, samples_per_s=cfg.sample.samples_per_epoch / (t4 - t0 + checkpoint_s))
         if eval_before is not None and epoch == epochs.start: metrics.update({f"{k}_before": v for k, v in eval_before.items()})
         self.log_epoch(metrics, all_rewards)
         if mb is not None:
             mb.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
                      f"kl {metrics['approx_kl']:.2e}, clipfrac {metrics['clipfrac']:.2f}, {metrics['epoch_s']:.1f} s")
+        t5 = time.perf_counter()   # the record first, then the checkpoint: a kill between them loses nothing, since a resume
+        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last: self.save_checkpoint(epoch)   # drops lines after its checkpoint
+        checkpoint_s = time.perf_counter() - t5
     out = self.save_final()
     if self.trackers: acc.end_training()
     self.log(f"done: final model in {out}, metrics in {self.run_dir/'metrics.jsonl'}")

@@ -198,3 +198,17 @@ def test_any_reward_failure_on_one_process_stops_all_processes_with_the_error(tm
     assert out.returncode != 0 and time.time() - t0 < 300
     assert "training stopped: epoch 0: reward 'oom_test' failed: RuntimeError: CUDA out of memory (simulated)" in out.stderr
     assert "a reward failed on another process" in out.stderr     # rank 0 stops too, with its own clear message
+
+def test_kill_between_metrics_and_checkpoint_loses_no_record(tmp_path):
+    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=3", "run.checkpoint_every=1"))
+    save = trainer.save_checkpoint
+    def dies_at_epoch_1(epoch):
+        if epoch == 1: raise KeyboardInterrupt("killed before the checkpoint of epoch 1")
+        return save(epoch)
+    trainer.save_checkpoint = dies_at_epoch_1
+    with pytest.raises(KeyboardInterrupt): trainer.train()
+    assert [m["epoch"] for m in read_metrics(tmp_path/"run")] == [0, 1]     # epoch 1's record is there before its checkpoint
+    assert latest_checkpoint(tmp_path/"run").name == "epoch-0000"
+    metrics = DDPOTrainer(small(tmp_path/"run", "train.epochs=3", "run.checkpoint_every=1", "run.resume=true")).train()
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]                         # epoch 1 redone once, no duplicate line
+    assert metrics[2]["checkpoint_s"] > 0 and metrics[0]["checkpoint_s"] == 0   # timed in the line after its checkpoint
