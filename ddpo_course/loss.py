@@ -16,7 +16,7 @@ __all__ = ['LossOutput', 'ddpo_loss', 'plot_clipped_objective', 'clip_explorer',
 @dataclass
 class LossOutput:
     loss: Tensor       # scalar to minimise
-    approx_kl: Tensor  # ½ E[(log p_θ - log p_θold)²], a cheap estimate of KL(p_θold || p_θ)
+    approx_kl: Tensor  # ½ E[(log p_θ - log p_θold)²] of the per-dimension mean log-probabilities: a drift signal, not a KL in nats
     clipfrac: Tensor   # fraction of steps whose ratio lies outside [1-ε, 1+ε]
     ratio: Tensor      # ρ, per sample
 
