@@ -212,3 +212,23 @@ def test_kill_between_metrics_and_checkpoint_loses_no_record(tmp_path):
     metrics = DDPOTrainer(small(tmp_path/"run", "train.epochs=3", "run.checkpoint_every=1", "run.resume=true")).train()
     assert [m["epoch"] for m in metrics] == [0, 1, 2]                         # epoch 1 redone once, no duplicate line
     assert metrics[2]["checkpoint_s"] > 0 and metrics[0]["checkpoint_s"] == 0   # timed in the line after its checkpoint
+
+def test_accumulation_inner_epochs_reinforce_and_batch_baseline_together(tmp_path):
+    # 8 samples, minibatches of 4: 2 per inner epoch, 2 inner epochs, accumulating 2 minibatches per step: 2 steps per epoch
+    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "train.gradient_accumulation=2", "train.inner_epochs=2",
+                                "train.method=sf", "train.advantages=batch"))
+    metrics = trainer.train()
+    assert [m["global_step"] for m in metrics] == [2, 4]
+    assert all(m["kl_ref"] > 0 and m["approx_kl"] > 0 for m in metrics)     # the second inner epoch sees a moved policy
+
+def test_ratio_is_one_at_the_first_micro_step_of_the_trainers_own_indexing(tmp_path, monkeypatch):
+    import ddpo_course.train as train_mod
+    seen, original = [], train_mod.ddpo_loss
+    def recording(log_prob, old_log_prob, *args, **kwargs):
+        seen.append((log_prob - old_log_prob).detach().abs().max().item())
+        return original(log_prob, old_log_prob, *args, **kwargs)
+    monkeypatch.setattr(train_mod, "ddpo_loss", recording)
+    DDPOTrainer(small(tmp_path/"run", "train.epochs=1", "sample.num_steps=4", "train.timestep_fraction=0.5")).train()
+    accumulate = 2                                      # timesteps trained per minibatch: the first optimizer step comes after them
+    assert max(seen[:accumulate]) < 1e-6, seen[:accumulate]   # shuffled trajectories and timesteps, same weights: log-ratio 0
+    assert max(seen[accumulate:]) > 1e-6                # after the first step the policy has moved
