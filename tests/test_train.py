@@ -142,7 +142,7 @@ def test_existing_run_is_never_overwritten_by_accident(tmp_path, capsys):
     assert (run/"metrics.jsonl").read_text() == '{"epoch": 0}\n'
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_kl_to_reference_is_zero_before_training_and_the_penalty_pulls_back(tmp_path, lora):
+def test_kl_to_reference_is_zero_before_training(tmp_path, lora):
     from ddpo_course.loss import gaussian_kl
     from ddpo_course.sampling import policy_step, sample_trajectories
     trainer = DDPOTrainer(small(tmp_path/"setup", f"model.lora={str(lora).lower()}")).setup()
@@ -152,8 +152,10 @@ def test_kl_to_reference_is_zero_before_training_and_the_penalty_pulls_back(tmp_
     with torch.no_grad(): step = policy_step(trainer.unet, pipe.scheduler, *args)
     assert (gaussian_kl(step.mean, trainer.reference_mean(pipe.scheduler, args), step.std) == 0).all()
     if not lora: assert trainer.ref_unet is not trainer.acc.unwrap_model(trainer.unet)     # full fine-tuning: a frozen copy
+
+def test_kl_penalty_keeps_the_policy_closer_to_the_pretrained_model(tmp_path):
     # the same run with and without the penalty: with it, the policy stays measurably closer to the pretrained model
-    extra = ["train.epochs=3", "train.learning_rate=3e-3", f"model.lora={str(lora).lower()}"]
+    extra = ["train.epochs=3", "train.learning_rate=3e-3"]
     free = DDPOTrainer(small(tmp_path/"free", *extra)).train()
     held = DDPOTrainer(small(tmp_path/"held", *extra, "train.kl_coef=100")).train()
     assert all(m["kl_ref"] >= 0 for m in free + held) and free[-1]["kl_ref"] > 0
