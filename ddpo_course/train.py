@@ -278,9 +278,12 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
                     args = (x_t[mb, j], x_next[mb, j], ts[mb, j], cond[mb], None if uncond is None else uncond[mb], s.guidance_scale, s.eta)
                     with acc.autocast():
                         step = policy_step(self.unet, sched, *args)
-                        ref_mean = self.reference_mean(sched, args)
+                        # unpenalised, kl_ref is only logged: one (random) trained timestep per minibatch estimates it
+                        ref_mean = self.reference_mean(sched, args) if t.kl_coef or j == 0 else None
                     out = ddpo_loss(step.log_prob, old[mb, j], adv[mb], t.clip_range, t.adv_clip_max, t.method)
-                    kl = gaussian_kl(step.mean, ref_mean, step.std).mean()             # KL(p_θ ‖ p_ref), this step
+                    if ref_mean is not None:
+                        kl = gaussian_kl(step.mean, ref_mean, step.std).mean()         # KL(p_θ ‖ p_ref), this step
+                        stats["kl_ref"].append(kl.detach())
                     acc.backward(out.loss + t.kl_coef * kl if t.kl_coef else out.loss)
                     if acc.sync_gradients:
                         norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm), dtype=torch.float32, device=acc.device)
@@ -292,7 +295,6 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
                     if acc.sync_gradients:
                         self.state.global_step += 1
                         if cfg.run.record_weights: self._record_weights()
-                    stats["kl_ref"].append(kl.detach())
                     for k in ("loss", "approx_kl", "clipfrac"): stats[k].append(getattr(out, k).detach())   # no .item(): no GPU sync per step
     keys = ("loss", "approx_kl", "clipfrac", "grad_norm", "kl_ref")
     local = torch.stack([torch.stack(stats[k]).float().mean() if stats[k] else torch.zeros((), device=acc.device) for k in keys])
