@@ -24,8 +24,9 @@ from .train import DDPOTrainer, read_metrics
 # %% auto #0
 __all__ = ['PHASES', 'SMALL', 'SD15', 'PEAK_BF16_TFLOPS', 'Timing', 'timeit', 'Comparison', 'compare', 'machine_info',
            'bench_prompts', 'bench_sampling', 'bench_training', 'epoch_breakdown', 'time_epoch', 'epoch_scaling',
-           'plot_scaling', 'measure_peak_rss', 'peak_rss_epoch', 'run_benchmarks', 'format_table', 'main',
-           'sd15_pipeline', 'peak_bf16_tflops', 'unet_flops', 'gpu_throughput', 'format_gpu_table', 'gpu_main']
+           'plot_scaling', 'measure_peak_rss', 'peak_rss_epoch', 'bench_epoch', 'compare_epochs', 'format_settings',
+           'run_benchmarks', 'format_table', 'main', 'sd15_pipeline', 'peak_bf16_tflops', 'unet_flops',
+           'gpu_throughput', 'format_gpu_table', 'gpu_main']
 
 # %% ../nbs/90_benchmarks.ipynb #8d2178fc
 @dataclass
@@ -147,7 +148,8 @@ def bench_training(samples:int=16, # trajectories trained on
     with tempfile.TemporaryDirectory() as d:
         tr = _bench_trainer(f"{d}/run", [f"sample.samples_per_epoch={samples}", f"sample.batch_size={samples}",
                             f"sample.num_steps={num_steps}", f"train.batch_size={batch_size}", "train.timestep_fraction=1.0",
-                            "train.inner_epochs=1", f"model.lora={lora}", *overrides])
+                            "train.inner_epochs=1", "train.log_kl_ref=false", "train.timesteps_per_call=1",
+                            f"model.lora={lora}", *overrides])
         traj, rewards, *_ = tr.sample_epoch(0)
         adv = batch_normalize(rewards)
         unet, opt = tr.acc.unwrap_model(tr.unet), tr.opt.optimizer
@@ -268,6 +270,68 @@ def peak_rss_epoch(overrides:list[str]=()) -> dict:
         _, mem = measure_peak_rss(lambda: time_epoch(tr, 1))
     return mem
 
+# %% ../nbs/90_benchmarks.ipynb #fbebf611
+def _count_rows(module, optimizer, fn) -> tuple[int, int]:
+    "UNet input rows and optimizer steps of one call of `fn`."
+    n = [0, 0]
+    h1 = module.register_forward_hook(lambda m, args, out: n.__setitem__(0, n[0] + len(args[0])))
+    h2 = optimizer.register_step_post_hook(lambda *a: n.__setitem__(1, n[1] + 1))
+    try: fn()
+    finally: h1.remove(); h2.remove()
+    return n[0], n[1]
+
+def bench_epoch(repeats:int=5, warmup:int=1, overrides:list[str]=()) -> Comparison:
+    "One epoch of the `cpu` preset's trainer against the pipeline's sampling, the rewards and a bare training loop in sequence."
+    with tempfile.TemporaryDirectory() as d:
+        tr = _bench_trainer(f"{d}/run", ["train.log_kl_ref=false", *overrides])
+        s, t, pipe = tr.cfg.sample, tr.cfg.train, tr.pipe
+        pipe.set_progress_bar_config(disable=True)
+        unet, opt = tr.acc.unwrap_model(tr.unet), tr.opt.optimizer
+        epoch, last = [0], {}
+        def ours():
+            traj, rewards, prompts, *_ = tr.sample_epoch(epoch[0])
+            last.update(traj=traj, prompts=prompts)
+            adv, *_ = tr.compute_advantages(epoch[0], rewards, prompts, None)
+            tr.train_epoch(epoch[0], traj, adv); epoch[0] += 1
+        def base():
+            prompts, traj = last["prompts"], last["traj"]
+            for b in range(0, len(prompts), s.batch_size):
+                batch = prompts[b:b + s.batch_size]
+                images = pipe(batch, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
+                              generator=torch.Generator().manual_seed(b), output_type="pt").images
+                images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+                tr.reward_fn(images, batch); [f(images, batch) for f in tr.monitor_fns.values()]
+            unet.train(); k, every = 0, tr.n_train_steps * t.gradient_accumulation
+            cond, uncond, N = traj.prompt_embeds, traj.uncond_embeds, len(traj)
+            for b in range(0, N, t.batch_size):
+                for j in range(tr.n_train_steps):
+                    x, ts, c = traj.latents[b:b + t.batch_size, j], traj.timesteps[b:b + t.batch_size, j], cond[b:b + t.batch_size]
+                    if uncond is not None: x, ts, c = torch.cat([x, x]), torch.cat([ts, ts]), torch.cat([uncond[b:b + t.batch_size], c])
+                    with tr.acc.autocast(): pred = unet(x, ts, c).sample
+                    (pred.float().square().mean() / every).backward(); k += 1
+                    if k % every == 0: opt.step(); opt.zero_grad(set_to_none=True)
+        counts = _count_rows(unet, opt, ours), _count_rows(unet, opt, base)
+        if counts[0] != counts[1]: raise AssertionError(f"(UNet rows, optimizer steps): trainer {counts[0]}, baseline {counts[1]}")
+        return compare("epoch", ours, base, repeats, warmup, target=1.00)
+
+def compare_epochs(settings:dict[str, list[str]], # a name for each setting: its config overrides
+                   repeats:int=5, overrides:list[str]=()) -> dict[str, dict]:
+    "Median seconds of each phase of one epoch (`time_epoch`) of the `cpu` preset per setting, the settings alternated in one process."
+    with tempfile.TemporaryDirectory() as d:
+        trainers = {name: _bench_trainer(f"{d}/{i}", [*overrides, *o]) for i, (name, o) in enumerate(settings.items())}
+        for tr in trainers.values(): time_epoch(tr, 0)       # warm-up
+        times = {name: [] for name in trainers}
+        for r in range(repeats):
+            for name in (list(trainers) if r % 2 == 0 else list(trainers)[::-1]): times[name].append(time_epoch(trainers[name], 1 + r))
+    return {name: {k: statistics.median(x[k] for x in ts) for k in ts[0]} for name, ts in times.items()}
+
+def format_settings(res:dict[str, dict]) -> str:
+    "The medians of `compare_epochs` as a table, each setting's epoch also relative to the first."
+    first = next(iter(res.values()))["epoch_s"]
+    lines = [f"{'setting':<34}{'sampling s':>11}{'training s':>11}{'epoch s':>9}{'vs first':>9}"]
+    lines += [f"{name:<34}{r['sampling_s']:>11.3f}{r['training_s']:>11.3f}{r['epoch_s']:>9.3f}{r['epoch_s'] / first:>9.3f}" for name, r in res.items()]
+    return "\n".join(lines)
+
 # %% ../nbs/90_benchmarks.ipynb #acf1de4e
 SMALL = dict(sampling=dict(batch_size=4, num_steps=4), training=dict(samples=8, batch_size=4, num_steps=4),
              epoch=["sample.samples_per_epoch=8", "sample.batch_size=4", "train.batch_size=4", "sample.num_steps=4"],
@@ -288,6 +352,8 @@ def run_benchmarks(small:bool=False, # every size shrunk, for a smoke test
     for lo in ((False, True) if lora else (False,)):
         progress(f"training overhead ({'LoRA' if lo else 'full'})...")
         out["training"].append(bench_training(**{**sz["training"], **(training or {})}, lora=lo, repeats=repeats, warmup=warmup).to_dict())
+    progress("epoch against bare work...")
+    out["epoch_vs_bare"] = bench_epoch(repeats=repeats, warmup=warmup, overrides=sz["epoch"]).to_dict()
     progress("epoch breakdown...")
     out["epoch"] = epoch_breakdown(overrides=sz["epoch"])
     progress("epoch scaling...")
@@ -304,7 +370,7 @@ def format_table(r:dict) -> str:
              f"torch {m['torch']}, diffusers {m['diffusers']}{', ' + m['gpu'] if m['gpu'] else ''}"
              f"{' (small sizes)' if r['small'] else ''}; {r['repeats']} timed repeats after {r['warmup']} warm-up",
              f"{'measure':<34}{'ours (s)':>10}{'baseline (s)':>14}{'ratio':>8}{'range':>16}{'target':>8}"]
-    for c in [r["sampling"], *r["training"]]:
+    for c in [r["sampling"], *r["training"], *([r["epoch_vs_bare"]] if "epoch_vs_bare" in r else [])]:
         ok = "" if c["met"] is None else (" ok" if c["met"] else " MISSED")
         lines.append(f"{c['name'] + ' overhead':<34}{c['ours_median_s']:>10.3f}{c['base_median_s']:>14.3f}{c['ratio']:>8.3f}"
                      f"{'[' + format(c['ratio_min'], '.3f') + ', ' + format(c['ratio_max'], '.3f') + ']':>16}{'<= ' + format(c['target'], '.2f'):>8}{ok}")
@@ -416,11 +482,13 @@ def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "t
                    resolution:int=512, # image height and width
                    num_steps:int=50, # T, with guidance
                    samples:int=32, # trajectories per measured epoch
-                   sample_batch:int=16, train_batch:int=4, # per-process batch sizes
+                   sample_batch:int=16, train_batch:int=16, # per-process batch sizes (16: the fastest measured on an H100)
                    modes:tuple=("full", "lora"), lora_rank:int=4,
                    mixed_precision:str="bf16", gradient_checkpointing:bool=False,
                    repeats:int=3, # measured epochs per mode, after one warm-up epoch
                    peak_tflops:float|None=None, # the device's peak rate; None looks it up by name
+                   reward:str="brightness", # no model: the figures are DDPO's own work (the toy rewards are 32x32 models)
+                   overrides:list[str]=(), # more config overrides, for trying settings
                    progress=print) -> dict:
     "Sampling and training throughput, seconds per trajectory, peak memory and MFU of the trainer, per mode."
     if model not in ("sd15", "tiny"): raise ValueError(f"model={model!r}: use 'sd15' or 'tiny'")
@@ -436,7 +504,7 @@ def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "t
     peak = peak_tflops or peak_bf16_tflops(name)
     out = dict(machine=machine_info(), model=model, resolution=resolution, num_steps=num_steps, samples=samples,
                sample_batch=sample_batch, train_batch=train_batch, mixed_precision=mixed_precision,
-               gradient_checkpointing=gradient_checkpointing, peak_tflops=peak, modes=[])
+               gradient_checkpointing=gradient_checkpointing, peak_tflops=peak, reward=reward, overrides=list(overrides), modes=[])
     with tempfile.TemporaryDirectory() as d:
         progress(f"building {model} at {resolution}x{resolution}...")
         pipe = sd15_pipeline(resolution) if model == "sd15" else tiny_pipeline(latent_size=resolution // 2)
@@ -447,7 +515,8 @@ def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "t
                 f"model.name={d}/model", f"model.mixed_precision={mixed_precision}", f"model.lora={mode == 'lora'}",
                 f"model.lora_rank={lora_rank}", f"model.gradient_checkpointing={gradient_checkpointing}",
                 f"sample.num_steps={num_steps}", f"sample.samples_per_epoch={samples}", f"sample.batch_size={sample_batch}",
-                f"train.batch_size={train_batch}", "train.timestep_fraction=1.0", "train.inner_epochs=1"])
+                f"train.batch_size={train_batch}", "train.timestep_fraction=1.0", "train.inner_epochs=1",
+                f"reward.name={reward}", "reward.monitor=[]", *overrides])
             unet = tr.acc.unwrap_model(tr.unet)
             fwd, fwd_bwd = unet_flops(unet, False, tr.acc.autocast()), unet_flops(unet, True, tr.acc.autocast())
             if cuda: torch.cuda.reset_peak_memory_stats()
@@ -498,13 +567,15 @@ def gpu_main(argv:list[str]|None=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--samples", type=int, default=32, help="trajectories per measured epoch")
     p.add_argument("--sample-batch", type=int, default=16)
-    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--modes", default="full,lora", help="comma-separated: full, lora (default both)")
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="measured epochs per mode after a warm-up epoch")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s (default: looked up by name)")
+    p.add_argument("--reward", default="brightness", help="the trained reward (default brightness: no model, so the figures are DDPO's own)")
+    p.add_argument("overrides", nargs="*", help="more config overrides, e.g. train.batch_size=8")
     p.add_argument("--out", default="bench-gpu.json")
     a = p.parse_args(argv)
     _check_positive(p, a, ("resolution", "steps", "samples", "sample_batch", "train_batch", "lora_rank", "repeats"))
@@ -513,7 +584,7 @@ def gpu_main(argv:list[str]|None=None) -> int:
         res = gpu_throughput(model=a.model, resolution=a.resolution, num_steps=a.steps, samples=a.samples,
                              sample_batch=a.sample_batch, train_batch=a.train_batch, modes=tuple(a.modes.split(",")),
                              lora_rank=a.lora_rank, mixed_precision=a.precision, gradient_checkpointing=a.gradient_checkpointing,
-                             repeats=a.repeats, peak_tflops=a.peak_tflops, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                             repeats=a.repeats, peak_tflops=a.peak_tflops, reward=a.reward, overrides=a.overrides, progress=lambda m: print(m, file=sys.stderr, flush=True))
     except (ValueError, ConfigError) as e: p.error(str(e))
     print(format_gpu_table(res))
     Path(a.out).write_text(json.dumps(res, indent=1))

@@ -18,7 +18,7 @@ from .rewards import REWARDS
 # %% auto #0
 __all__ = ['TRACKERS', 'RESUMABLE', 'ModelConfig', 'SampleConfig', 'RewardConfig', 'TrainConfig', 'RunConfig', 'Config',
            'ConfigError', 'config_from_dict', 'set_field', 'apply_overrides', 'config_to_dict', 'preset_names',
-           'load_config', 'config_changes', 'validate']
+           'load_config', 'config_changes', 'trained_steps', 'timesteps_per_call', 'validate']
 
 # %% ../nbs/06_config.ipynb #69d11914
 @dataclass
@@ -50,6 +50,7 @@ class RewardConfig:
     prompts: str = "common_animals"    # a prompt set (ddpo_course.prompts.PROMPT_SETS) or a text file
     monitor: list = field(default_factory=list)  # other rewards logged beside it every epoch, never optimised (e.g. [gold, alignment])
     heldout: str|None = None           # a prompt set or file never trained on: scored (reward and monitors) at each evaluation
+    overlap: str = "auto"             # score batch k in a thread while batch k+1 samples: true, false, or auto (on a GPU only)
     heldout_samples: int = 16          # held-out samples per evaluation (the prompts in turn, from run.eval_seed)
 
 @dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     gradient_accumulation: int = 1     # minibatches per optimizer step
     inner_epochs: int = 1              # passes over each epoch's samples
     timestep_fraction: float = 1.0     # fraction of each trajectory's steps trained on, in (0, 1]
+    timesteps_per_call: str = "auto"   # trained timesteps batched into one UNet call: auto, all, or a divisor of them (same gradient)
     learning_rate: float = 3e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -70,6 +72,7 @@ class TrainConfig:
     method: str = "is"                 # "is" (clipped importance sampling) or "sf" (REINFORCE)
     advantages: str = "per_prompt"     # baseline: "per_prompt" (buffer of recent rewards), "group" (this epoch's k samples), "batch"
     kl_coef: float = 0.0               # β of the KL penalty to the pretrained model (DPOK); kl_ref is logged even at 0
+    log_kl_ref: bool = True            # at kl_coef 0, estimate kl_ref anyway (a reference copy, one more no-grad UNet call per minibatch)
     stat_buffer_size: int = 32
     stat_min_count: int = 16
 
@@ -193,7 +196,7 @@ def load_config(source:str|None=None, # a preset name, a YAML file, or None for 
 # %% ../nbs/06_config.ipynb #f3e69e99
 TRACKERS = ("tensorboard", "wandb", "auto")
 
-RESUMABLE = {"train.epochs", "reward.monitor", "reward.heldout", "reward.heldout_samples"} | {
+RESUMABLE = {"train.epochs", "train.log_kl_ref", "reward.monitor", "reward.heldout", "reward.heldout_samples", "reward.overlap"} | {
     f"run.{f.name}" for f in dataclasses.fields(RunConfig) if f.name != "seed"}   # what a resume may change: length, logging
 
 def config_changes(saved:dict, new:dict) -> list[str]:
@@ -203,6 +206,15 @@ def config_changes(saved:dict, new:dict) -> list[str]:
 
 def _err(path, value, accepted): raise ConfigError(f"{path}={value!r}: {accepted}")
 
+def trained_steps(cfg:Config) -> int:
+    "Timesteps trained on per trajectory: `sample.num_steps` x `train.timestep_fraction`, at least 1."
+    return max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
+
+def timesteps_per_call(cfg:Config, cuda:bool) -> int:
+    "How many trained timesteps go through the UNet in one call. `auto`: all of them on a CPU (measured faster, lesson 90), one on a GPU (memory)."
+    k = str(cfg.train.timesteps_per_call).lower()
+    return trained_steps(cfg) if k == "all" or (k == "auto" and not cuda) else 1 if k == "auto" else int(k)
+
 def validate(cfg:Config, num_processes:int=1) -> Config:
     "Raise a `ConfigError` for the first value that cannot work; return `cfg` otherwise."
     s, t, r, m, run = cfg.sample, cfg.train, cfg.reward, cfg.model, cfg.run
@@ -211,6 +223,10 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     if not t.clip_range > 0: _err("train.clip_range", t.clip_range, "must be > 0, e.g. 1e-4")
     if not t.adv_clip_max > 0: _err("train.adv_clip_max", t.adv_clip_max, "must be > 0, e.g. 5")
     if not 0 < t.timestep_fraction <= 1: _err("train.timestep_fraction", t.timestep_fraction, "must be in (0, 1]")
+    k, n = str(t.timesteps_per_call).lower(), trained_steps(cfg)
+    if k not in ("auto", "all") and not (k.isdigit() and int(k) >= 1 and n % int(k) == 0):
+        _err("train.timesteps_per_call", t.timesteps_per_call, f"use auto, all, or a positive divisor of the {n} trained timesteps "
+             f"per trajectory (sample.num_steps x train.timestep_fraction)")
     if not t.learning_rate > 0: _err("train.learning_rate", t.learning_rate, "must be > 0")
     for path, v in (("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size), ("train.epochs", t.epochs),
                     ("train.inner_epochs", t.inner_epochs), ("train.gradient_accumulation", t.gradient_accumulation),
@@ -244,6 +260,7 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     for path, v in (("reward.prompts", r.prompts), ("reward.heldout", r.heldout)):
         if v is not None and v not in PROMPT_SETS and not Path(v).expanduser().is_file():
             _err(path, v, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
+    if str(r.overlap).lower() not in ("auto", "true", "false"): _err("reward.overlap", r.overlap, "use auto, true or false")
     if r.heldout_samples < 1: _err("reward.heldout_samples", r.heldout_samples, "must be a positive integer")
     bad = [k for k in run.trackers if k not in TRACKERS]
     if bad: _err("run.trackers", run.trackers, f"unknown tracker {bad[0]!r}; use any of {', '.join(TRACKERS)}, or []")

@@ -5,7 +5,7 @@
 # %% ../nbs/06_train.ipynb #75d40de8
 from __future__ import annotations
 import argparse, copy, json, os, shutil, sys, time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from fastcore.imports import IN_IPYTHON
 from fastprogress.fastprogress import master_bar, progress_bar
 
 from .advantages import PerPromptStatTracker, batch_normalize, group_normalize
-from .config import Config, ConfigError, config_to_dict, load_config, validate, preset_names
+from .config import Config, ConfigError, config_to_dict, load_config, validate, preset_names, trained_steps, timesteps_per_call
 from .loss import ddpo_loss, gaussian_kl
 from .models import load_pipeline, quiet_hf
 from .prompts import PromptDataset, get_prompts
@@ -26,7 +26,7 @@ from .rewards import RewardError, get_reward
 from .sampling import Trajectory, decode_latents, policy_step, sample_trajectories, step_log_prob
 
 # %% auto #0
-__all__ = ['DTYPES', 'LORA_TARGETS', 'seed_for', 'generator', 'TrainingError', 'TrainState', 'wandb_logged_in',
+__all__ = ['DTYPES', 'LORA_TARGETS', 'MAX_OVERFLOWS', 'seed_for', 'generator', 'TrainingError', 'TrainState', 'wandb_logged_in',
            'latest_checkpoint', 'DDPOTrainer', 'setup', 'image_diversity', 'sample_epoch', 'compute_advantages',
            'train_epoch', 'reference_mean', 'save_grid', 'evaluate', 'save_checkpoint', 'resume', 'save_final',
            'read_metrics', 'plot_reward_curve', 'log_epoch', 'train', 'main']
@@ -88,15 +88,15 @@ class DDPOTrainer:
         validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))   # fail fast, before accelerate starts
         trackers = _trackers(cfg.run.trackers)
         if "wandb" in trackers: os.environ.setdefault("WANDB_MODE", "online" if wandb_logged_in() else "offline")
-        n_train = max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
+        n_train, k = trained_steps(cfg), timesteps_per_call(cfg, torch.cuda.is_available())
         cpu_processes = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()  # torchrun on CPUs: gloo data parallel
         self.acc = accelerator or Accelerator(
             cpu=cpu_processes, mixed_precision=cfg.model.mixed_precision, log_with=trackers or None,
-            gradient_accumulation_steps=n_train * cfg.train.gradient_accumulation,
+            gradient_accumulation_steps=n_train // k * cfg.train.gradient_accumulation,   # UNet calls per optimizer step
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir/"logs")))
         validate(cfg, self.acc.num_processes)       # every check, on every process, before anything is written or loaded
         self.acc.wait_for_everyone()
-        self.n_train_steps, self.trackers = n_train, trackers
+        self.n_train_steps, self.timesteps_per_call, self.trackers = n_train, k, trackers
         self.state = TrainState()
         self._set_up = False
 
@@ -136,8 +136,9 @@ def setup(self:DDPOTrainer):
                                         init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         for p in unet.parameters():
             if p.requires_grad: p.data = p.data.float()
-    else:   # kl_ref's reference: a frozen copy of the pretrained UNet (with LoRA: the same UNet, adapters off)
-        self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(acc.device, self.weight_dtype).eval()
+    else:
+        if cfg.train.kl_coef or cfg.train.log_kl_ref:   # kl_ref's reference: a frozen copy (with LoRA: the same UNet, adapters off)
+            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(acc.device, self.weight_dtype).eval()
         unet.requires_grad_(True).to(acc.device, torch.float32)
     if cfg.model.gradient_checkpointing: unet.enable_gradient_checkpointing()
     self.pipe, self.params = pipe, [p for p in unet.parameters() if p.requires_grad]
@@ -190,6 +191,10 @@ def image_diversity(images:torch.Tensor, # uint8 images [N, H, W, 3]
     k = groups.shape[1]
     return (d.sum() / (len(groups) * k * (k - 1))).item() if k > 1 else 0.0
 
+def _run_now(fn, *args) -> Future:
+    "`fn(*args)` called now, its result in a finished `Future` (the sequential stand-in for `pool.submit`)."
+    f = Future(); f.set_result(fn(*args)); return f
+
 def sample_epoch(self:DDPOTrainer, epoch:int):
     "This process's trajectories, rewards and prompts for `epoch`, with timings."
     cfg, acc, s = self.cfg, self.acc, self.cfg.sample
@@ -205,7 +210,9 @@ def sample_epoch(self:DDPOTrainer, epoch:int):
         except Exception as e: return None, f"reward {cfg.reward.name!r} failed: {type(e).__name__}: {e}"   # out of memory, a bug...
         finally: times["scoring_s"] += time.perf_counter() - t0
     batches = range(0, per_process, s.batch_size)
+    overlap = {"auto": acc.device.type == "cuda", "true": True, "false": False}[str(cfg.reward.overlap).lower()]
     with ThreadPoolExecutor(max_workers=1) as pool:
+        submit = pool.submit if overlap else _run_now
         for b in _bar(batches, self.main and cfg.run.progress, getattr(self, '_mb', None)):
             batch = prompts[b:b + s.batch_size]
             t0 = time.perf_counter()
@@ -217,7 +224,7 @@ def sample_epoch(self:DDPOTrainer, epoch:int):
                 images = decode_latents(self.pipe.vae, traj.final_latents).cpu()
             t2 = time.perf_counter()
             times["sampling_s"] += t1 - t0; times["decoding_s"] += t2 - t1
-            trajs.append(traj); all_images.append(images); futures.append(pool.submit(score, images, batch))
+            trajs.append(traj); all_images.append(images); futures.append(submit(score, images, batch))
         t0 = time.perf_counter()
         results = [f.result() for f in futures]
     times["score_wait_s"] = time.perf_counter() - t0    # scoring not hidden behind sampling
@@ -261,6 +268,7 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
     sched = self.pipe.scheduler; sched.set_timesteps(s.num_steps, device=acc.device)
     advantages = advantages.to(acc.device)
     stats = dict(loss=[], approx_kl=[], clipfrac=[], grad_norm=[], kl_ref=[])
+    loss_ok = torch.ones((), dtype=torch.bool, device=acc.device)   # every loss since the last optimizer step was finite
     self.unet.train()
     for inner in range(t.inner_epochs):
         g = generator(cfg.run.seed, 3, epoch, inner, acc.process_index)
@@ -273,32 +281,53 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
         minibatches = range(0, N, t.batch_size)
         for b in _bar(minibatches, self.main and cfg.run.progress, getattr(self, '_mb', None)):
             mb = slice(b, b + t.batch_size)
-            for j in range(self.n_train_steps):
+            kt, m = self.timesteps_per_call, len(perm[mb])
+            per_traj = lambda v: v[mb].repeat(kt, *[1] * (v.ndim - 1))        # per trajectory, once per batched timestep
+            for j in range(0, self.n_train_steps, kt):                      # kt timesteps per UNet call, timestep-major rows
+                steps = lambda v: v[mb, j:j + kt].transpose(0, 1).reshape(-1, *v.shape[2:])
                 with acc.accumulate(self.unet):
-                    args = (x_t[mb, j], x_next[mb, j], ts[mb, j], cond[mb], None if uncond is None else uncond[mb], s.guidance_scale, s.eta)
+                    args = (steps(x_t), steps(x_next), steps(ts), per_traj(cond), None if uncond is None else per_traj(uncond), s.guidance_scale, s.eta)
                     with acc.autocast():
                         step = policy_step(self.unet, sched, *args)
                         # unpenalised, kl_ref is only logged: one (random) trained timestep per minibatch estimates it
-                        ref_mean = self.reference_mean(sched, args) if t.kl_coef or j == 0 else None
-                    out = ddpo_loss(step.log_prob, old[mb, j], adv[mb], t.clip_range, t.adv_clip_max, t.method)
+                        ref_rows = slice(None) if t.kl_coef else slice(0, m)
+                        ref_mean = (self.reference_mean(sched, [a[ref_rows] if torch.is_tensor(a) else a for a in args])
+                                    if t.kl_coef or (j == 0 and t.log_kl_ref) else None)
+                    # the mean over kt·m rows is the mean of the kt per-timestep losses; accumulated over n/kt calls, the same gradient
+                    out = ddpo_loss(step.log_prob, steps(old), per_traj(adv), t.clip_range, t.adv_clip_max, t.method)
                     if ref_mean is not None:
-                        kl = gaussian_kl(step.mean, ref_mean, step.std).mean()         # KL(p_θ ‖ p_ref), this step
+                        kl = gaussian_kl(step.mean[ref_rows], ref_mean, step.std[ref_rows]).mean()   # KL(p_θ ‖ p_ref)
                         stats["kl_ref"].append(kl.detach())
-                    acc.backward(out.loss + t.kl_coef * kl if t.kl_coef else out.loss)
+                    loss = out.loss + t.kl_coef * kl if t.kl_coef else out.loss
+                    loss_ok = loss_ok & torch.isfinite(loss.detach())   # on the device: read only if the gradient is bad
+                    acc.backward(loss)
                     if acc.sync_gradients:
                         norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm), dtype=torch.float32, device=acc.device)
-                        if not torch.isfinite(norm):   # checked before the step: a bad gradient never reaches the weights
-                            raise TrainingError(f"epoch {epoch}: non-finite loss or gradient (gradient norm {float(norm)}, "
-                                                f"loss {out.loss.item()}). The last checkpoint in {self.run_dir/'checkpoints'} is intact.")
-                        stats["grad_norm"].append(norm)
+                        if torch.isfinite(norm): stats["grad_norm"].append(norm); self._overflows = 0
+                        else: self._bad_gradient(epoch, norm, loss_ok)   # raises, unless fp16's loss scale overflowed
+                        loss_ok = torch.ones((), dtype=torch.bool, device=acc.device)
                     self.opt.step(); self.lr_sched.step(); self.opt.zero_grad(set_to_none=True)
                     if acc.sync_gradients:
                         self.state.global_step += 1
                         if cfg.run.record_weights: self._record_weights()
                     for k in ("loss", "approx_kl", "clipfrac"): stats[k].append(getattr(out, k).detach())   # no .item(): no GPU sync per step
-    keys = ("loss", "approx_kl", "clipfrac", "grad_norm", "kl_ref")
+    keys = ("loss", "approx_kl", "clipfrac", "grad_norm") + (("kl_ref",) if t.kl_coef or t.log_kl_ref else ())
     local = torch.stack([torch.stack(stats[k]).float().mean() if stats[k] else torch.zeros((), device=acc.device) for k in keys])
     return dict(zip(keys, acc.reduce(local, reduction="mean").cpu().tolist()))
+
+MAX_OVERFLOWS = 25   # fp16: optimizer steps skipped in a row before the run stops (2**16 halved 25 times is below 1e-2)
+
+def _bad_gradient(self:DDPOTrainer, epoch:int, norm:torch.Tensor, loss_ok:torch.Tensor):
+    "A non-finite gradient norm: fp16's loss scale overflowed (the GradScaler skips the step), or the run must stop."
+    acc, where = self.acc, f"The last checkpoint in {self.run_dir/'checkpoints'} is intact."
+    loss_bad = acc.reduce(1 - loss_ok.float(), reduction="sum").item() > 0   # the same answer on every process
+    if acc.scaler is None or loss_bad:   # checked before the step: a bad gradient never reaches the weights
+        raise TrainingError(f"epoch {epoch}: non-finite {'loss' if loss_bad else 'gradient'} (gradient norm {float(norm)}). {where}")
+    self._overflows = getattr(self, "_overflows", 0) + 1
+    if self._overflows >= MAX_OVERFLOWS:
+        raise TrainingError(f"epoch {epoch}: the fp16 gradient overflowed in {self._overflows} optimizer steps in a row "
+                            f"(loss scale now {acc.scaler.get_scale():.3g}), so the overflow is not the loss scale's: "
+                            f"lower train.learning_rate, or use model.mixed_precision=bf16. {where}")
 
 @torch.no_grad()
 def reference_mean(self:DDPOTrainer, sched, args) -> torch.Tensor:
@@ -316,7 +345,7 @@ def _record_weights(self:DDPOTrainer):
                            head=vec[:8].tolist()))
     with open(self.run_dir/f"weights-rank{self.acc.process_index}.jsonl", "a") as f: f.write(line + "\n")
 
-DDPOTrainer.train_epoch, DDPOTrainer.reference_mean = train_epoch, reference_mean
+DDPOTrainer.train_epoch, DDPOTrainer.reference_mean, DDPOTrainer._bad_gradient = train_epoch, reference_mean, _bad_gradient
 DDPOTrainer._record_weights = _record_weights
 
 # %% ../nbs/06_train.ipynb #a1a29a98
@@ -438,7 +467,10 @@ def plot_reward_curve(run_dir:str|Path, path:str|Path|None=None,
         else:
             import matplotlib.pyplot as plt
             axs = plt.subplots(1, panels, figsize=size, squeeze=False, layout="constrained")[1][0]
-    else: axs = np.atleast_1d(ax)
+    else:
+        axs = np.atleast_1d(ax)
+        names = ["reward", *monitors] + (["diversity"] if "diversity" in first else [])
+        if len(axs) != panels: raise ValueError(f"ax: {len(axs)} Axes given, this run has {panels} panels ({', '.join(names)}); pass one Axes per panel or none")
     ep = np.array([r["epoch"] for r in m])
     def band(ax, key, label):
         mean, std = np.array([r[f"{key}_mean"] for r in m]), np.array([r[f"{key}_std"] for r in m])

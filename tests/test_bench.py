@@ -11,8 +11,9 @@ def test_ddpo_bench_small(tmp_path):
     r = run("ddpo-bench", "--small", "--out", "b.json", "--plot", "s.png", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sampling overhead" in r.stdout and "training (LoRA) overhead" in r.stdout and "peak RSS" in r.stdout
+    assert "epoch overhead" in r.stdout                          # the whole epoch against the same work done plainly
     res = json.loads((tmp_path/"b.json").read_text())
-    assert res["small"] and len(res["sampling"]["ours_s"]) == 5 and len(res["training"]) == 2
+    assert res["small"] and len(res["sampling"]["ours_s"]) == 5 and len(res["training"]) == 2 and res["epoch_vs_bare"]["ratio"] > 0
     assert {"sampling_s", "decoding_s", "training_s", "checkpoint_s"} <= set(res["epoch"])
     assert (tmp_path/"s.png").stat().st_size > 0
     assert "DDPO:" not in r.stdout   # trainer log lines go to stderr, the table alone to stdout

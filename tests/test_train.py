@@ -27,9 +27,10 @@ def unet_output(unet):
     with torch.no_grad(): return unet(x, torch.tensor([500, 20]), e).sample
 
 def test_full_finetune_one_process(tmp_path):
-    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2"))
+    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "train.log_kl_ref=false"))
     metrics = trainer.train()
     assert [m["epoch"] for m in metrics] == [0, 1] and metrics[-1]["global_step"] == 2 * 2   # 2 minibatches per epoch
+    assert not hasattr(trainer, "ref_unet") and "kl_ref" not in metrics[0]                    # unlogged: no reference copy
     from diffusers import StableDiffusionPipeline
     reloaded = StableDiffusionPipeline.from_pretrained(tmp_path/"run"/"final")
     torch.testing.assert_close(unet_output(reloaded.unet), unet_output(trainer.acc.unwrap_model(trainer.unet)), rtol=0, atol=0)
@@ -103,7 +104,36 @@ def test_nan_reward_stops_with_named_epoch_and_intact_checkpoint(tmp_path):
 
 def test_non_finite_loss_stops_the_run(tmp_path):
     trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=3", "train.learning_rate=1e30", "train.max_grad_norm=1e30"))
-    with pytest.raises(TrainingError, match="non-finite loss or gradient"): trainer.train()
+    with pytest.raises(TrainingError, match="non-finite (loss|gradient)"): trainer.train()
+
+def with_loss_scaler(trainer, overflows):
+    "fp16's GradScaler on the CPU (accelerate gives none there), and a gradient that overflows in `overflows` backward passes."
+    from accelerate.optimizer import AcceleratedOptimizer
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer.acc.scaler, trainer.opt = scaler, AcceleratedOptimizer(trainer.opt.optimizer, device_placement=False, scaler=scaler)
+    trainer.acc.unscale_gradients = lambda optimizer=None: scaler.unscale_(trainer.opt.optimizer)
+    calls = [0]
+    def overflow(g):
+        calls[0] += 1
+        return g * float("inf") if calls[0] <= overflows else g
+    trainer.params[0].register_hook(overflow)
+    return scaler
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_loss_scale(tmp_path):
+    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "sample.num_steps=2", "train.batch_size=8")).setup()
+    before = [p.detach().clone() for p in trainer.params]
+    scaler = with_loss_scaler(trainer, overflows=trainer.n_train_steps)   # every micro-step of the first optimizer step
+    metrics = trainer.train()                           # 2 epochs of 1 optimizer step each: the first skipped
+    assert scaler.get_scale() == 2.0**15                # halved once, by the one skipped step
+    assert all(torch.isfinite(p).all() for p in trainer.params) and metrics[0]["grad_norm"] == 0 and metrics[1]["grad_norm"] > 0
+    assert any((p != b).any() for p, b in zip(trainer.params, before))   # the second step was taken
+
+def test_fp16_overflow_that_persists_stops_the_run(tmp_path, monkeypatch):
+    import ddpo_course.train as train_mod
+    monkeypatch.setattr(train_mod, "MAX_OVERFLOWS", 3)
+    trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=5", "sample.num_steps=2", "train.batch_size=8")).setup()
+    with_loss_scaler(trainer, overflows=10**6)
+    with pytest.raises(TrainingError, match=r"overflowed in 3 optimizer steps in a row \(loss scale now 1.64e\+04\)"): trainer.train()
 
 BAD = [
     ("sample.eta=0", "sample.eta=0.0: must be > 0"),
@@ -234,3 +264,45 @@ def test_ratio_is_one_at_the_first_micro_step_of_the_trainers_own_indexing(tmp_p
     accumulate = 2                                      # timesteps trained per minibatch: the first optimizer step comes after them
     assert max(seen[:accumulate]) < 1e-6, seen[:accumulate]   # shuffled trajectories and timesteps, same weights: log-ratio 0
     assert max(seen[accumulate:]) > 1e-6                # after the first step the policy has moved
+
+def test_reward_curve_panels_and_a_clear_error_for_too_few_axes(tmp_path):
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ddpo_course.train import plot_reward_curve
+    row = dict(epoch=0, reward_mean=1.0, reward_std=0.1, monitor_gold_mean=2.0, monitor_gold_std=0.2, diversity=0.3, eval_reward=1.1)
+    (tmp_path/"metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "epoch": 1}) + "\n")
+    axs = plot_reward_curve(tmp_path)
+    assert len(axs) == 3 and [a.get_ylabel() for a in axs] == ["reward", "gold (monitored)", "diversity (mean pairwise RMS)"]
+    with pytest.raises(ValueError, match="2 Axes given, this run has 3 panels \\(reward, gold, diversity\\)"):
+        plot_reward_curve(tmp_path, ax=plt.subplots(1, 2)[1])
+    plt.close("all")
+
+def test_scoring_in_a_thread_or_in_sequence_gives_the_same_epoch(tmp_path):
+    out = {}
+    for overlap in ("true", "false"):
+        tr = DDPOTrainer(small(tmp_path/overlap, f"reward.overlap={overlap}", "sample.batch_size=2")).setup()
+        traj, rewards, prompts, error, times = tr.sample_epoch(0)
+        out[overlap] = (traj.latents, rewards, prompts)
+    torch.testing.assert_close(out["true"][0], out["false"][0], rtol=0, atol=0)
+    torch.testing.assert_close(out["true"][1], out["false"][1], rtol=0, atol=0)
+    assert out["true"][2] == out["false"][2] and error is None
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_timesteps_give_the_gradient_of_one_call_per_timestep(tmp_path, lora):
+    # 8 trajectories, one minibatch, guidance and the KL penalty on: the first optimizer step's gradient, 1 or all trained timesteps per call
+    grads, counts = {}, {}
+    for k in ("1", "all"):
+        tr = DDPOTrainer(small(tmp_path/k, "train.batch_size=8", f"train.timesteps_per_call={k}", "train.max_grad_norm=1e9",
+                               "train.kl_coef=0.5", f"model.lora={str(lora).lower()}")).setup()
+        assert tr.cfg.sample.guidance_scale > 1
+        traj, rewards, *_ = tr.sample_epoch(0)
+        calls = [0]
+        h = tr.acc.unwrap_model(tr.unet).register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        def record(*a, **kw): grads[k] = [p.grad.detach().clone() for p in tr.params]
+        tr.opt.step = record                       # keep the gradient, take no step
+        tr.train_epoch(0, traj, torch.linspace(-1, 1, len(rewards)))
+        h.remove(); counts[k] = calls[0]
+    n, ref = tr.n_train_steps, 2 if lora else 1           # with LoRA the reference is the same UNet: its calls count too
+    assert n > 1 and counts == {"1": n * ref, "all": ref}
+    for a, b in zip(grads["1"], grads["all"]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in grads["all"])
