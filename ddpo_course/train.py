@@ -107,6 +107,28 @@ class DDPOTrainer:
         if self.main: print(*args, flush=True)
 
 # %% ../nbs/06_train.ipynb #3cdd12ce
+def _sees(path:Path, token:str) -> bool:
+    "Whether this process reads `token` in `path` (a file the main process wrote)."
+    try: return path.read_text() == token
+    except OSError: return False
+
+def _check_shared_run_dir(self:DDPOTrainer):
+    "Stop every process, before any work, if some process cannot see the main process's run folder."
+    from accelerate.utils import broadcast_object_list
+    import uuid
+    acc, probe = self.acc, self.run_dir/".shared-check"
+    token = broadcast_object_list([uuid.uuid4().hex if self.main else None])[0]
+    if self.main: probe.write_text(token)
+    acc.wait_for_everyone()
+    blind = acc.gather(torch.tensor([0.0 if _sees(probe, token) else 1.0], device=acc.device)).cpu()
+    acc.wait_for_everyone()
+    if self.main: probe.unlink(missing_ok=True)
+    if blind.sum() > 0:
+        raise TrainingError(f"run.dir={str(self.run_dir)!r} is not the same folder for every process: process(es) "
+                            f"{[r for r, b in enumerate(blind.tolist()) if b]} do not see the main process's files there. "
+                            "With several machines, put run.dir on a file system they all share: only the main process "
+                            "writes checkpoints and the final model, and every process reads them to resume.")
+
 def setup(self:DDPOTrainer):
     "Prepare the run folder, prompts, reward, pipeline, optimizer and accelerate; resume if asked."
     cfg, acc = self.cfg, self.acc
@@ -122,6 +144,7 @@ def setup(self:DDPOTrainer):
         (self.run_dir/"samples").mkdir(parents=True, exist_ok=True)
         (self.run_dir/"config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     acc.wait_for_everyone()
+    if acc.num_processes > 1: self._check_shared_run_dir()
     self.weight_dtype = DTYPES[cfg.model.mixed_precision]
     pipe = load_pipeline(cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant, seed=cfg.model.seed)
     pipe.vae.requires_grad_(False).to(acc.device, self.weight_dtype)
@@ -178,7 +201,7 @@ def _register_lora_hooks(self:DDPOTrainer):
     acc.register_save_state_pre_hook(save_hook)
     acc.register_load_state_pre_hook(load_hook)
 
-DDPOTrainer.setup = setup
+DDPOTrainer.setup, DDPOTrainer._check_shared_run_dir = setup, _check_shared_run_dir
 
 # %% ../nbs/06_train.ipynb #7b4062d9
 def image_diversity(images:torch.Tensor, # uint8 images [N, H, W, 3]

@@ -19,3 +19,8 @@ def test_every_module_has_a_notebook():
     text = "".join(p.read_text() for p in (ROOT/"nbs").glob("*.ipynb"))
     missing = [m for m in mods if f"default_exp {m}" not in text]
     assert not missing, missing
+
+def test_readme_links_to_local_files_resolve():
+    text = (ROOT/"README.md").read_text()
+    local = [m for m in re.findall(r"\]\(([^)\s]+)\)", text) if not m.startswith(("http://", "https://", "#"))]
+    assert local and all((ROOT/m).exists() for m in local), [m for m in local if not (ROOT/m).exists()]

@@ -253,15 +253,17 @@ def test_accumulation_inner_epochs_reinforce_and_batch_baseline_together(tmp_pat
     assert [m["global_step"] for m in metrics] == [2, 4]
     assert all(m["kl_ref"] > 0 and m["approx_kl"] > 0 for m in metrics)     # the second inner epoch sees a moved policy
 
-def test_ratio_is_one_at_the_first_micro_step_of_the_trainers_own_indexing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_call,calls_per_step", [("1", 2), ("all", 1)])
+def test_ratio_is_one_at_the_first_micro_step_of_the_trainers_own_indexing(tmp_path, monkeypatch, per_call, calls_per_step):
     import ddpo_course.train as train_mod
     seen, original = [], train_mod.ddpo_loss
     def recording(log_prob, old_log_prob, *args, **kwargs):
         seen.append((log_prob - old_log_prob).detach().abs().max().item())
         return original(log_prob, old_log_prob, *args, **kwargs)
     monkeypatch.setattr(train_mod, "ddpo_loss", recording)
-    DDPOTrainer(small(tmp_path/"run", "train.epochs=1", "sample.num_steps=4", "train.timestep_fraction=0.5")).train()
-    accumulate = 2                                      # timesteps trained per minibatch: the first optimizer step comes after them
+    DDPOTrainer(small(tmp_path/"run", "train.epochs=1", "sample.num_steps=4", "train.timestep_fraction=0.5",
+                      f"train.timesteps_per_call={per_call}")).train()
+    accumulate = calls_per_step     # loss calls per minibatch (2 timesteps, one or both per call): the first optimizer step comes after them
     assert max(seen[:accumulate]) < 1e-6, seen[:accumulate]   # shuffled trajectories and timesteps, same weights: log-ratio 0
     assert max(seen[accumulate:]) > 1e-6                # after the first step the policy has moved
 
@@ -306,3 +308,18 @@ def test_fused_timesteps_give_the_gradient_of_one_call_per_timestep(tmp_path, lo
     assert n > 1 and counts == {"1": n * ref, "all": ref}
     for a, b in zip(grads["1"], grads["all"]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(g.abs().max() > 0 for g in grads["all"])
+
+NOT_SHARED = '''
+import os, sys
+import ddpo_course.train as train_mod
+if os.environ.get("RANK") == "1": train_mod._sees = lambda path, token: False    # as if on another machine's disk
+sys.exit(train_mod.main(sys.argv[1:]))
+'''
+
+def test_a_run_folder_not_shared_by_every_process_stops_all_before_any_work(tmp_path):
+    script, run = tmp_path/"run_not_shared.py", tmp_path/"run"
+    script.write_text(NOT_SHARED)
+    out = subprocess.run(LAUNCH[:-2] + [str(script), "tiny", f"run.dir={run}", *SMALL, "train.batch_size=2"],
+                         env=ENV, timeout=300, capture_output=True, text=True)
+    assert out.returncode != 0 and "is not the same folder for every process: process(es) [1] do not see" in out.stderr, out.stderr[-2000:]
+    assert not (run/"metrics.jsonl").exists() and not (run/"checkpoints").exists() and not (run/".shared-check").exists()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write README.md from nbs/index.ipynb without Quarto (an offline stand-in for `nbdev_readme`).
 
-Markdown cells are copied as they are; the first cell's title and `> summary` become the README's heading. Code cells
+Markdown cells are copied as they are (image links made relative to the repository root); the first cell's title and `> summary` become the README's heading. Code cells
 are shown as Python blocks unless they carry `#| hide`. With `--check`, nothing is written and the exit status is 1
 when README.md differs from what the notebook gives.
 """
@@ -15,7 +15,7 @@ def render(nb_path: Path) -> str:
     parts = []
     for cell in cells:
         src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-        if cell["cell_type"] == "markdown": parts.append(src.strip())
+        if cell["cell_type"] == "markdown": parts.append(src.strip().replace("](images/", "](nbs/images/"))   # the README sits one folder up
         elif cell["cell_type"] == "code" and src.strip() and not any(l.strip().startswith("#| hide") for l in src.splitlines()):
             code = "\n".join(l for l in src.splitlines() if not l.startswith("#|"))
             parts.append(f"```python\n{code.strip()}\n```")
