@@ -29,6 +29,11 @@ dev_requirements = [
     'ghapi<2',                    # ghapi 2 needs fastcore 2
     'pytest>=7',
     'tensorboard>=2.14',
+    # the offline docs site (tools/build_docs.py) and its browser checks (tests/test_docs.py)
+    'mkdocs-material>=9.5',
+    'mkdocs-jupyter>=0.25',       # renders the committed notebooks with nbconvert, without executing them
+    'latex2mathml>=3.77',         # formulas as MathML at build time: nothing fetched by the pages
+    'selenium>=4.20',             # drives Debian's chromium + chromium-driver
 ]
 
 setup(
@@ -46,7 +51,7 @@ setup(
     package_data={'ddpo_course': ['data/*.txt', 'presets/*.yaml', 'toy/SHA256SUMS', 'toy/*.safetensors', 'toy/pipeline/*.json', 'toy/pipeline/*/*']},
     python_requires='>=' + cfg['min_python'],
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'pickapic': ['datasets>=2.14']},   # pickapic: the Pick-a-Pic prompt set (sd21_pickscore)
     entry_points={
         'console_scripts': [
             'ddpo-train=ddpo_course.train:main',

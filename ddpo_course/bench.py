@@ -154,7 +154,7 @@ def bench_training(samples:int=16, # trajectories trained on
         adv = batch_normalize(rewards)
         unet, opt = tr.acc.unwrap_model(tr.unet), tr.opt.optimizer
         N, T = traj.log_probs.shape
-        every = tr.n_train_steps * tr.cfg.train.gradient_accumulation
+        every = tr.n_train_steps * tr.minibatches_per_step
         cond, uncond = traj.prompt_embeds, traj.uncond_embeds
         def ours(): tr.train_epoch(0, traj, adv)
         def base():
@@ -301,7 +301,7 @@ def bench_epoch(repeats:int=5, warmup:int=1, overrides:list[str]=()) -> Comparis
                               generator=torch.Generator().manual_seed(b), output_type="pt").images
                 images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
                 tr.reward_fn(images, batch); [f(images, batch) for f in tr.monitor_fns.values()]
-            unet.train(); k, every = 0, tr.n_train_steps * t.gradient_accumulation
+            unet.train(); k, every = 0, tr.n_train_steps * tr.minibatches_per_step
             cond, uncond, N = traj.prompt_embeds, traj.uncond_embeds, len(traj)
             for b in range(0, N, t.batch_size):
                 for j in range(tr.n_train_steps):

@@ -12,13 +12,14 @@ from pathlib import Path
 import yaml
 
 from .models import check_model_source
-from .prompts import PROMPT_SETS
+from .prompts import PROMPT_SETS, PICKAPIC_EXTRA
 from .rewards import REWARDS
 
 # %% auto #0
 __all__ = ['TRACKERS', 'RESUMABLE', 'ModelConfig', 'SampleConfig', 'RewardConfig', 'TrainConfig', 'RunConfig', 'Config',
            'ConfigError', 'config_from_dict', 'set_field', 'apply_overrides', 'config_to_dict', 'preset_names',
-           'load_config', 'config_changes', 'trained_steps', 'timesteps_per_call', 'validate']
+           'load_config', 'preset_description', 'config_changes', 'trained_steps', 'timesteps_per_call',
+           'minibatches_per_step', 'validate']
 
 # %% ../nbs/06_config.ipynb #69d11914
 @dataclass
@@ -57,7 +58,8 @@ class RewardConfig:
 class TrainConfig:
     epochs: int = 30                   # sampling + training rounds
     batch_size: int = 8                # trajectories per minibatch, per process
-    gradient_accumulation: int = 1     # minibatches per optimizer step
+    gradient_accumulation: int = 1     # minibatches per optimizer step, per process (left at 1 when global_batch_size is set)
+    global_batch_size: int|None = None # trajectories per optimizer step over all processes; set, the recipe is the same at any GPU count
     inner_epochs: int = 1              # passes over each epoch's samples
     timestep_fraction: float = 1.0     # fraction of each trajectory's steps trained on, in (0, 1]
     timesteps_per_call: str = "auto"   # trained timesteps batched into one UNet call: auto, all, or a divisor of them (same gradient)
@@ -193,6 +195,13 @@ def load_config(source:str|None=None, # a preset name, a YAML file, or None for 
     except yaml.YAMLError as e: raise ConfigError(f"config {source!r} is not valid YAML: {e}") from None
     return apply_overrides(config_from_dict(data), list(overrides))
 
+def preset_description(name:str) -> str:
+    "The comment at the top of a preset's YAML file: what it reproduces, at which GPU count, and where it differs."
+    if name not in preset_names(): raise ConfigError(f"{name!r} is not a preset; presets are {', '.join(preset_names())}")
+    lines = files("ddpo_course").joinpath("presets", f"{name}.yaml").read_text().splitlines()
+    head = [l[1:].strip() for l in lines[:next(i for i, l in enumerate(lines) if not l.startswith("#"))]]
+    return "\n".join(head)
+
 # %% ../nbs/06_config.ipynb #f3e69e99
 TRACKERS = ("tensorboard", "wandb", "auto")
 
@@ -204,6 +213,10 @@ def config_changes(saved:dict, new:dict) -> list[str]:
     return [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}" for s, fields in new.items() for k, v in fields.items()
             if f"{s}.{k}" not in RESUMABLE and saved.get(s, {}).get(k) != v]
 
+def _importable(module:str) -> bool:
+    try: __import__(module); return True
+    except ImportError: return False
+
 def _err(path, value, accepted): raise ConfigError(f"{path}={value!r}: {accepted}")
 
 def trained_steps(cfg:Config) -> int:
@@ -214,6 +227,19 @@ def timesteps_per_call(cfg:Config, cuda:bool) -> int:
     "How many trained timesteps go through the UNet in one call. `auto`: all of them on a CPU (measured faster, lesson 90), one on a GPU (memory)."
     k = str(cfg.train.timesteps_per_call).lower()
     return trained_steps(cfg) if k == "all" or (k == "auto" and not cuda) else 1 if k == "auto" else int(k)
+
+def minibatches_per_step(cfg:Config, num_processes:int=1) -> int:
+    "Minibatches each process accumulates per optimizer step: `train.gradient_accumulation`, or derived from `train.global_batch_size`."
+    g = cfg.train.global_batch_size
+    return cfg.train.gradient_accumulation if g is None else g // (cfg.train.batch_size * num_processes)
+
+def _global_batch_hint(cfg:Config, num_processes:int) -> str:
+    "What to change when `train.global_batch_size` cannot be split over `num_processes`."
+    g, b = cfg.train.global_batch_size, cfg.train.batch_size
+    fits = [d for d in range(b - 1, 0, -1) if g % (d * num_processes) == 0]
+    if fits: return f"with {num_processes} process(es) set train.batch_size={fits[0]} (the global batch stays {g})"
+    return (f"{g} trajectories cannot be shared by {num_processes} processes: run on fewer processes, or choose a larger "
+            f"global batch (a different recipe: fewer optimizer steps per epoch)")
 
 def validate(cfg:Config, num_processes:int=1) -> Config:
     "Raise a `ConfigError` for the first value that cannot work; return `cfg` otherwise."
@@ -239,7 +265,18 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
         _err("sample.batch_size", s.batch_size, f"must divide the samples per process ({s.samples_per_epoch} / {num_processes} = {per_process})")
     if per_process % t.batch_size:
         _err("train.batch_size", t.batch_size, f"must divide the samples per process ({s.samples_per_epoch} / {num_processes} = {per_process})")
-    if (per_process // t.batch_size) % t.gradient_accumulation:
+    if t.global_batch_size is not None:
+        g = t.global_batch_size
+        if t.gradient_accumulation != 1:
+            _err("train.gradient_accumulation", t.gradient_accumulation, f"is derived from train.global_batch_size ({g}) when that is set: "
+                 "leave it at 1, or set train.global_batch_size=null to give accumulation per process")
+        if g < 1: _err("train.global_batch_size", g, "must be a positive integer, or null")
+        if g % (t.batch_size * num_processes):
+            _err("train.global_batch_size", g, f"must be a multiple of train.batch_size x processes ({t.batch_size} x {num_processes}); "
+                 + _global_batch_hint(cfg, num_processes))
+        if s.samples_per_epoch % g:
+            _err("train.global_batch_size", g, f"must divide sample.samples_per_epoch ({s.samples_per_epoch}), so an epoch is whole optimizer steps")
+    elif (per_process // t.batch_size) % t.gradient_accumulation:
         _err("train.gradient_accumulation", t.gradient_accumulation, f"must divide the minibatches per process ({per_process // t.batch_size})")
     if t.method not in ("is", "sf"): _err("train.method", t.method, "use 'is' (clipped importance sampling) or 'sf' (REINFORCE)")
     if s.images_per_prompt < 1: _err("sample.images_per_prompt", s.images_per_prompt, "must be a positive integer")
@@ -260,6 +297,7 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     for path, v in (("reward.prompts", r.prompts), ("reward.heldout", r.heldout)):
         if v is not None and v not in PROMPT_SETS and not Path(v).expanduser().is_file():
             _err(path, v, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
+        if v == "pickapic" and not _importable("datasets"): _err(path, v, f"needs the datasets package: {PICKAPIC_EXTRA}")
     if str(r.overlap).lower() not in ("auto", "true", "false"): _err("reward.overlap", r.overlap, "use auto, true or false")
     if r.heldout_samples < 1: _err("reward.heldout_samples", r.heldout_samples, "must be a positive integer")
     bad = [k for k in run.trackers if k not in TRACKERS]

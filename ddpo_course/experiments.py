@@ -116,19 +116,21 @@ def eval_images(run_dir:str|Path, epoch:int|None=None, heldout:bool=False) -> to
 # %% ../nbs/08_experiments.ipynb #7a15a6c3
 SD_EXPERIMENTS = {
     "is":      [],
-    "sf":      ["train.method=sf", "train.gradient_accumulation=4"],
+    "sf":      ["train.method=sf", "train.global_batch_size=128"],     # REINFORCE: one update per epoch
     "clip":    ["train.clip_range=1e-3"],
     "group":   ["sample.images_per_prompt=8", "train.advantages=group"],
     "batch":   ["train.advantages=batch"],
     "hack":    ["train.learning_rate=5e-5"],
     "hack_kl": ["train.learning_rate=5e-5", "train.kl_coef=1.0"],
 }
-SD_COMMON = ["reward.prompts=common_animals", "reward.heldout=imagenet_animals", "reward.monitor=[pickscore]"]
+SD_COMMON = ["reward.prompts=common_animals", "reward.heldout=imagenet_animals", "reward.monitor=[pickscore]",
+             "train.global_batch_size=32"]   # 4 per GPU: the blog's 4 per step cannot be split over 8 GPUs
 
 def sd_command(name:str, num_processes:int=8) -> str:
     "The `accelerate launch` command of experiment `name` on Stable Diffusion 1.4, checked for `num_processes` GPUs."
     from ddpo_course.config import validate
-    overrides = [*SD_COMMON, *SD_EXPERIMENTS[name], f"run.dir=runs/sd14-{name}"]
+    merged = {o.partition("=")[0]: o for o in [*SD_COMMON, *SD_EXPERIMENTS[name], f"run.dir=runs/sd14-{name}"]}
+    overrides = list(merged.values())                  # an experiment's value replaces the common one
     validate(load_config("sd14_aesthetic", overrides), num_processes)
     return (f"accelerate launch --multi_gpu --num_processes {num_processes} --mixed_precision bf16 -m ddpo_course.train "
             f"sd14_aesthetic {' '.join(shlex.quote(o) for o in overrides)}")

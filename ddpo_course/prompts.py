@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 # %% auto #0
-__all__ = ['PROMPT_SETS', 'imagenet_animals', 'common_animals', 'prompts_from_file', 'pickapic_prompts', 'get_prompts',
-           'shape_prompts', 'PromptDataset']
+__all__ = ['PICKAPIC_EXTRA', 'PROMPT_SETS', 'imagenet_animals', 'common_animals', 'prompts_from_file', 'pickapic_prompts',
+           'get_prompts', 'shape_prompts', 'PromptDataset']
 
 # %% ../nbs/05_prompts.ipynb #93bcc753
 def _packaged(name:str) -> list[str]: return files("ddpo_course").joinpath("data", name).read_text().splitlines()
@@ -34,12 +34,16 @@ def prompts_from_file(path:str|Path) -> list[str]:
     if not prompts: raise ValueError(f"prompt file {path} holds no prompts (it is empty or blank)")
     return prompts
 
-def pickapic_prompts(split:str="validation_unique") -> list[str]:
-    "The unique captions of the Pick-a-Pic v1 data set (downloaded once through `datasets`; needs the hub)."
+PICKAPIC_EXTRA = 'pip install "ddpo_course[pickapic]"'   # the install extra that brings the datasets package
+
+def pickapic_prompts(dataset:str="carperai/pickapic_v1_no_images_training_sfw", # DRLX's prompt source on the hub
+                     split:str="train", # DRLX trained on the train split
+                    ) -> list[str]:
+    "The captions of a Pick-a-Pic data set, one per row as DRLX draws them (a repeated caption keeps its weight). Needs the hub and `datasets`."
     try: from datasets import load_dataset
-    except ImportError: raise ImportError("the 'pickapic' prompt set needs the datasets package: pip install datasets") from None
-    ds = load_dataset("yuvalkirstain/pickapic_v1_no_images", split=split)
-    return sorted({c.strip() for c in ds["caption"] if c and c.strip()})
+    except ImportError: raise ImportError(f"the 'pickapic' prompt set needs the datasets package: {PICKAPIC_EXTRA}") from None
+    ds = load_dataset(dataset, split=split)
+    return [c.strip() for c in ds["caption"] if c and c.strip()]
 
 PROMPT_SETS = {"imagenet_animals": imagenet_animals, "common_animals": common_animals, "pickapic": pickapic_prompts,
                "shapes": lambda: shape_prompts(), "shapes_rare": lambda: shape_prompts("rare"),

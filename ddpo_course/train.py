@@ -18,7 +18,7 @@ from fastcore.imports import IN_IPYTHON
 from fastprogress.fastprogress import master_bar, progress_bar
 
 from .advantages import PerPromptStatTracker, batch_normalize, group_normalize
-from .config import Config, ConfigError, config_to_dict, load_config, validate, preset_names, trained_steps, timesteps_per_call
+from .config import Config, ConfigError, config_to_dict, load_config, validate, preset_names, trained_steps, timesteps_per_call, minibatches_per_step, preset_description
 from .loss import ddpo_loss, gaussian_kl
 from .models import load_pipeline, quiet_hf
 from .prompts import PromptDataset, get_prompts
@@ -85,16 +85,19 @@ class DDPOTrainer:
     def __init__(self, cfg:Config, accelerator:Accelerator|None=None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir).expanduser()
-        validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))   # fail fast, before accelerate starts
+        n_proc = accelerator.num_processes if accelerator else int(os.environ.get("WORLD_SIZE", 1))
+        validate(cfg, n_proc)                       # fail fast, before accelerate starts
         trackers = _trackers(cfg.run.trackers)
         if "wandb" in trackers: os.environ.setdefault("WANDB_MODE", "online" if wandb_logged_in() else "offline")
         n_train, k = trained_steps(cfg), timesteps_per_call(cfg, torch.cuda.is_available())
         cpu_processes = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()  # torchrun on CPUs: gloo data parallel
         self.acc = accelerator or Accelerator(
             cpu=cpu_processes, mixed_precision=cfg.model.mixed_precision, log_with=trackers or None,
-            gradient_accumulation_steps=n_train // k * cfg.train.gradient_accumulation,   # UNet calls per optimizer step
+            gradient_accumulation_steps=n_train // k * minibatches_per_step(cfg, n_proc),   # UNet calls per optimizer step
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir/"logs")))
         validate(cfg, self.acc.num_processes)       # every check, on every process, before anything is written or loaded
+        self.minibatches_per_step = minibatches_per_step(cfg, self.acc.num_processes)
+        self.acc.gradient_accumulation_steps = n_train // k * self.minibatches_per_step    # also right for a given accelerator
         self.acc.wait_for_everyone()
         self.n_train_steps, self.timesteps_per_call, self.trackers = n_train, k, trackers
         self.state = TrainState()
@@ -534,7 +537,7 @@ def train(self:DDPOTrainer):
     cfg, acc = self.cfg, self.acc
     epochs = range(self.state.epoch + 1, cfg.train.epochs)
     self.log(f"DDPO: {cfg.model.name}, reward {cfg.reward.name}, {acc.num_processes} process(es) on {acc.device.type}, "
-             f"epochs {epochs.start}-{cfg.train.epochs - 1}, run folder {self.run_dir}")
+             f"{cfg.train.batch_size * self.minibatches_per_step * acc.num_processes} trajectories per optimizer step, epochs {epochs.start}-{cfg.train.epochs - 1}, run folder {self.run_dir}")
     eval_before = self.evaluate(-1) if self.state.epoch == -1 else None   # the grid's first row: the model before any update
     mb = self._mb = master_bar(epochs) if self.main and cfg.run.progress else None
     checkpoint_s = 0.0     # the checkpoint written after a metrics line is timed in the next line
@@ -586,7 +589,11 @@ def main(argv:list[str]|None=None) -> int:
     p.add_argument("config", nargs="?", help=f"a preset ({', '.join(preset_names())}) or a YAML file; default: cpu")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.epochs=5 run.dir=runs/test")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--list-presets", action="store_true", help="print each preset with what it reproduces, and exit")
     args = p.parse_args(argv)
+    if args.list_presets:
+        for name in preset_names(): print(f"{name}\n    " + preset_description(name).replace("\n", "\n    ") + "\n")
+        return 0
     overrides = list(args.overrides)
     if args.config and "=" in args.config: overrides, args.config = [args.config] + overrides, None
     try:
