@@ -34,6 +34,7 @@ dev_requirements = [
     'mkdocs-jupyter>=0.25',       # renders the committed notebooks with nbconvert, without executing them
     'latex2mathml>=3.77',         # formulas as MathML at build time: nothing fetched by the pages
     'selenium>=4.20',             # drives Debian's chromium + chromium-driver
+    'jupyterlab>=4.2',            # tests/test_jupyterlab.py runs a lesson's explorer in a real JupyterLab
 ]
 
 setup(

@@ -4,7 +4,6 @@
 
 # %% ../nbs/01_aesthetic.ipynb #7dbe5cfb
 from __future__ import annotations
-import hashlib, os, shutil, tempfile, urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,8 @@ import open_clip
 from PIL import Image
 
 # %% auto #0
-__all__ = ['AESTHETIC_URL', 'AESTHETIC_FILE', 'AESTHETIC_SHA256', 'AestheticMLP', 'cache_dir', 'sha256_of', 'fetch_file',
-           'load_aesthetic_mlp', 'image_batch', 'clip_preprocess', 'AestheticScorer', 'ToyAestheticScorer',
-           'train_toy_aesthetic']
+__all__ = ['AESTHETIC_URL', 'AESTHETIC_FILE', 'AESTHETIC_SHA256', 'AestheticMLP', 'load_aesthetic_mlp', 'image_batch',
+           'clip_preprocess', 'AestheticScorer', 'ToyAestheticScorer', 'train_toy_aesthetic']
 
 # %% ../nbs/01_aesthetic.ipynb #9a6eefc7
 class AestheticMLP(nn.Module):
@@ -32,50 +30,12 @@ class AestheticMLP(nn.Module):
             nn.Linear(16, 1))
     def forward(self, emb:torch.Tensor) -> torch.Tensor: return self.layers(emb).squeeze(-1)
 
-# %% ../nbs/01_aesthetic.ipynb #e79f557b
+# %% ../nbs/01_aesthetic.ipynb #97b842b2
 AESTHETIC_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
 
-def cache_dir() -> Path:
-    "Where downloaded reward weights live: `$DDPO_CACHE`, else `~/.cache/ddpo_course`."
-    return Path(os.environ.get("DDPO_CACHE", Path.home()/".cache"/"ddpo_course")).expanduser()
-
-def sha256_of(path:str|Path) -> str:
-    "Hex SHA-256 digest of a file, read in 1 MB chunks."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
-
-# %% ../nbs/01_aesthetic.ipynb #35f389cf
-def fetch_file(url:str, # where to download from (http, https or file)
-               path:str|Path, # where the verified file goes
-               sha256:str, # the expected hex digest
-              ) -> Path:
-    "Download `url` to `path` once, verifying its SHA-256; a wrong or partial file is never left at `path`."
-    path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f: shutil.copyfileobj(r, f)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise FileNotFoundError(
-                f"{path.name} is not in {path.parent} and could not be downloaded from {url} ({e}). "
-                f"On a machine without network, copy the file to {path} (or set DDPO_CACHE to a folder that has it).") from None
-        got = sha256_of(tmp)
-        if got != sha256:
-            tmp.unlink()
-            raise ValueError(f"The download of {url} has SHA-256 {got}, expected {sha256}: the server sent another file. "
-                             f"Nothing was saved; download it by hand and place it at {path}.")
-        os.replace(tmp, path)
-    got = sha256_of(path)
-    if got != sha256:
-        raise ValueError(f"{path} has SHA-256 {got} ({path.stat().st_size} bytes), expected {sha256}: the file is truncated "
-                         f"or corrupt. Delete it and run again to download it afresh from {url}.")
-    return path
+from .download import cache_dir, fetch_file, sha256_of   # Appendix A2
 
 # %% ../nbs/01_aesthetic.ipynb #43535023
 def load_aesthetic_mlp(path:str|Path|None=None, # a verified weight file; None fetches the published one into `cache_dir()`

@@ -16,7 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .advantages import batch_normalize
 from .config import ConfigError, load_config
-from .models import clip_tokenizer, quiet_hf, sd_ddim_scheduler, tiny_pipeline
+from .tokenizer import clip_tokenizer
+from .models import quiet_hf, sd_ddim_scheduler, tiny_pipeline
 from .prompts import common_animals
 from .sampling import decode_latents, sample_trajectories
 from .train import DDPOTrainer, read_metrics

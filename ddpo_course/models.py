@@ -4,18 +4,17 @@
 
 # %% ../nbs/00_models.ipynb #37b23434
 from __future__ import annotations
-import gzip, json, re, tempfile
+import re
 from pathlib import Path
 
 import torch
-import open_clip
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 # %% auto #0
-__all__ = ['TINY', 'TOY', 'CHECKSUMS', 'quiet_hf', 'check_model_source', 'load_pipeline', 'clip_tokenizer_files',
-           'clip_tokenizer', 'sd_ddim_scheduler', 'tiny_pipeline', 'same_weights', 'ModelFileError', 'toy_dir',
-           'toy_pipeline_dir', 'write_checksums', 'verify_checksums', 'encode_prompts', 'encode_with_uncond']
+__all__ = ['TINY', 'TOY', 'CHECKSUMS', 'quiet_hf', 'check_model_source', 'load_pipeline', 'sd_ddim_scheduler', 'tiny_pipeline',
+           'same_weights', 'ModelFileError', 'toy_dir', 'toy_pipeline_dir', 'write_checksums', 'verify_checksums',
+           'encode_prompts', 'encode_with_uncond']
 
 # %% ../nbs/00_models.ipynb #229cdbd7
 def quiet_hf():
@@ -58,29 +57,8 @@ def load_pipeline(model:str|Path, # hub id, local diffusers folder, "toy" (shipp
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
-# %% ../nbs/00_models.ipynb #48e462ae
-def _bytes_to_unicode() -> list[str]:
-    "The 256 printable characters that CLIP's BPE uses for the 256 byte values, in vocabulary order."
-    printable = [*range(ord("!"), ord("~")+1), *range(ord("¡"), ord("¬")+1), *range(ord("®"), ord("ÿ")+1)]
-    extra = [b for b in range(256) if b not in printable]
-    return [chr(c) for c in printable] + [chr(256+i) for i in range(len(extra))]
-
-def clip_tokenizer_files(folder:str|Path, # where to write vocab.json and merges.txt
-                        ) -> Path:
-    "Write CLIP's BPE vocabulary and merges, built from the table open_clip ships, into `folder`."
-    table = Path(open_clip.__file__).parent/"bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(table).read().decode("utf-8").split("\n")[1:49152-256-2+1]
-    symbols = _bytes_to_unicode()
-    vocab = symbols + [s+"</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    (folder/"vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder/"merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
-
-def clip_tokenizer(max_length:int=77) -> CLIPTokenizer:
-    "CLIP's tokenizer (as in Stable Diffusion 1.x), built offline."
-    with tempfile.TemporaryDirectory() as d:
-        return CLIPTokenizer.from_pretrained(clip_tokenizer_files(d), model_max_length=max_length)
+# %% ../nbs/00_models.ipynb #5c8c1958
+from .tokenizer import clip_tokenizer   # Appendix A1
 
 # %% ../nbs/00_models.ipynb #811511ca
 def sd_ddim_scheduler(prediction_type:str="epsilon", # "epsilon" (SD 1.x, SD 2.x base) or "v_prediction" (SD 2.x 768)
@@ -120,7 +98,7 @@ def same_weights(a:torch.nn.Module, b:torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 # %% ../nbs/00_models.ipynb #4bfa9dc8
-from .aesthetic import sha256_of   # lesson 01's checked-download helper
+from .download import sha256_of   # Appendix A2: checked files
 
 class ModelFileError(FileNotFoundError):
     "A shipped model file is missing or does not match its recorded checksum."

@@ -16,7 +16,8 @@ from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .aesthetic import image_batch
-from .models import clip_tokenizer, sd_ddim_scheduler, toy_dir, write_checksums, load_pipeline
+from .tokenizer import clip_tokenizer
+from .models import sd_ddim_scheduler, toy_dir, write_checksums, load_pipeline
 from .world import (ALL_PAIRS, BACKGROUNDS, COLOURS, SHAPES, caption, pair_kind, parse_caption,
                                world_tensors, load_shapenet)
 

@@ -100,7 +100,7 @@ class PickScore(torch.nn.Module):
     def tiny(cls, seed:int=0):
         "The same classes with tiny random weights and the real CLIP tokenizer, for offline use."
         from transformers import CLIPConfig, CLIPModel
-        from ddpo_course.models import clip_tokenizer
+        from ddpo_course.tokenizer import clip_tokenizer
         import open_clip
         cfg = CLIPConfig(projection_dim=64,
             text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

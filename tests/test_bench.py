@@ -7,6 +7,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 def run(*args, cwd):
     return subprocess.run(list(args), capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
 
+def exit_code(fn, argv, cwd, monkeypatch) -> int:
+    "The exit status of a console-script entry point called in this process, in `cwd`."
+    monkeypatch.chdir(cwd)
+    try: return fn(argv)
+    except SystemExit as e: return e.code
+
 def test_ddpo_bench_small(tmp_path):
     r = run("ddpo-bench", "--small", "--out", "b.json", "--plot", "s.png", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -24,9 +30,11 @@ def test_ddpo_bench_small(tmp_path):
     (["--steps", "0"], "--steps 0: must be a positive integer"),
     (["--samples", "10", "--train-batch-size", "4"], "not divisible by --train-batch-size 4"),
 ])
-def test_ddpo_bench_bad_args(tmp_path, args, message):
-    r = run("ddpo-bench", *args, "--out", "b.json", cwd=tmp_path)
-    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+def test_ddpo_bench_bad_args(tmp_path, monkeypatch, capsys, args, message):
+    from ddpo_course.bench import main   # in-process: the console script's wiring is covered by test_ddpo_bench_small
+    assert exit_code(main, [*args, "--out", "b.json"], tmp_path, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert message in err, err[-2000:]
     assert not (tmp_path/"b.json").exists()
 
 def test_ddpo_bench_gpu_tiny_on_cpu(tmp_path):
@@ -43,6 +51,8 @@ def test_ddpo_bench_gpu_tiny_on_cpu(tmp_path):
     (["--samples", "32", "--train-batch", "5"], "train_batch=5: must be a positive divisor"),
     (["--modes", "full,qlora"], "use 'full' and/or 'lora'"),
 ])
-def test_ddpo_bench_gpu_bad_args(tmp_path, args, message):
-    r = run("ddpo-bench-gpu", *args, cwd=tmp_path)
-    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+def test_ddpo_bench_gpu_bad_args(tmp_path, monkeypatch, capsys, args, message):
+    from ddpo_course.bench import gpu_main   # in-process: the wiring is covered by test_ddpo_bench_gpu_tiny_on_cpu
+    assert exit_code(gpu_main, list(args), tmp_path, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert message in err, err[-2000:]

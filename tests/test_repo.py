@@ -24,3 +24,31 @@ def test_readme_links_to_local_files_resolve():
     text = (ROOT/"README.md").read_text()
     local = [m for m in re.findall(r"\]\(([^)\s]+)\)", text) if not m.startswith(("http://", "https://", "#"))]
     assert local and all((ROOT/m).exists() for m in local), [m for m in local if not (ROOT/m).exists()]
+
+def _md(nb_path):
+    import json
+    return [("".join(c["source"])) for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "markdown"]
+
+def test_every_lesson_opens_with_what_it_builds_and_closes_with_a_summary_and_its_sources():
+    "Each lesson and appendix: an opening right after the title, and a last section `## Summary` of three lines plus links."
+    import json
+    nbs = sorted((ROOT/"nbs").glob("[0-9]*.ipynb")) + sorted((ROOT/"nbs").glob("A[0-9]*.ipynb"))
+    assert len(nbs) >= 16, [p.name for p in nbs]
+    bad = []
+    for p in nbs:
+        cells = json.loads(p.read_text())["cells"]
+        if not ("".join(cells[1]["source"]).startswith("**What this") and cells[1]["cell_type"] == "markdown"):
+            bad.append(f"{p.name}: cell 2 is not the opening '**What this lesson builds:** ...'")
+        last = _md(p)[-1]
+        bullets = [l for l in last.splitlines() if l.startswith("- ")]
+        if not last.startswith("## Summary") or len(bullets) != 3:
+            bad.append(f"{p.name}: the last markdown cell is not '## Summary' with three '- ' lines ({len(bullets)})")
+        if "**Where the ideas come from:**" not in last or not re.search(r"\]\(https?://", last):
+            bad.append(f"{p.name}: the summary lacks 'Where the ideas come from' with at least one link")
+    assert not bad, "\n".join(bad)
+
+def test_every_notebook_is_in_the_lesson_table():
+    import json
+    table = "".join("".join(c["source"]) for c in json.loads((ROOT/"nbs"/"index.ipynb").read_text())["cells"])
+    missing = [p.stem for p in (ROOT/"nbs").glob("*.ipynb") if p.stem != "index" and f"| `{p.stem}` |" not in table]
+    assert not missing, missing

@@ -16,8 +16,8 @@ NBS, BUILD, SITE = ROOT/"nbs", ROOT/"_docs_src", ROOT/"_site"
 PACKAGE = "ddpo_course"
 
 def lessons() -> list[Path]:
-    "The lessons in course order: the numbered notebooks, sorted as the course table lists them."
-    return sorted(p for p in NBS.glob("[0-9]*.ipynb"))
+    "The lessons in course order: the numbered notebooks as the course table lists them, then the appendices (A1, A2, ...)."
+    return sorted(NBS.glob("[0-9]*.ipynb")) + sorted(NBS.glob("A[0-9]*.ipynb"))
 
 def modules() -> list[str]:
     "Every module of the package that exports names, in the order of the lessons that build them."
@@ -87,6 +87,12 @@ def process(path:Path) -> dict:
     nb["cells"] = cells
     return nb
 
+def numbered(nb:dict, num:str):
+    "Put the lesson's number in its title: '# Models' becomes '# 00 · Models' (the page heading and its navigation entry)."
+    for c in nb["cells"]:
+        if c["cell_type"] == "markdown" and re.match(r"#\s+", "".join(c["source"])):
+            c["source"] = re.sub(r"^#\s+", f"# {num} · ", "".join(c["source"]), count=1); return
+
 def api_page(modname:str) -> str:
     mod = importlib.import_module(f"{PACKAGE}.{modname}")
     doc = (mod.__doc__ or "").strip()
@@ -113,12 +119,15 @@ def build(strict:bool=True) -> Path:
     index = process(NBS/"index.ipynb")
     (BUILD/"index.ipynb").write_text(json.dumps(index))
     nav = [{"Start": "index.ipynb"}]
-    lesson_nav = []
+    lesson_nav, appendix_nav = [], []
     for p in lessons():
         nb = process(p)
+        if not p.name.startswith("A"): numbered(nb, p.stem.split("_")[0])
         (BUILD/"lessons"/p.name).write_text(json.dumps(nb))
-        lesson_nav.append({f"{p.stem.split('_')[0]} {title(nb, p.stem)}": f"lessons/{p.name}"})
+        # mkdocs-jupyter names a page after its notebook's H1, so the lesson number goes into the H1 itself
+        (appendix_nav if p.name.startswith("A") else lesson_nav).append({title(nb, p.stem): f"lessons/{p.name}"})
     nav.append({"Lessons": lesson_nav})
+    if appendix_nav: nav.append({"Appendices": appendix_nav})
     api_nav = []
     for m in modules():
         (BUILD/"api"/f"{m}.md").write_text(api_page(m))
