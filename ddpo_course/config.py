@@ -91,7 +91,7 @@ class RunConfig:
     eval_seed: int = 1234              # seeds the evaluation images, the same at every evaluation
     trackers: list = field(default_factory=lambda: ["auto"])  # "tensorboard", "wandb", "auto" (those installed), or []
     progress: bool = True              # progress bars on the main process
-    record_weights: bool = False       # write a per-rank checksum of the trained weights after every optimizer step
+    record_weights: bool = False       # per-rank checksums of the weights after every optimizer step, and of each epoch's draws
     allow_config_change: bool = False  # let run.resume continue with a configuration that changes the run's meaning
 
 @dataclass

@@ -260,7 +260,9 @@ def sample_epoch(self:DDPOTrainer, epoch:int):
     images = torch.cat(all_images)
     self.diversity = dict(diversity=image_diversity(images))
     if k > 1: self.diversity["diversity_prompt"] = image_diversity(images, k)
-    return Trajectory.cat(trajs), rewards, prompts, (errors[0] if errors else None), times
+    traj = Trajectory.cat(trajs)
+    if cfg.run.record_weights: self._record_draws(epoch, prompts, traj)
+    return traj, rewards, prompts, (errors[0] if errors else None), times
 
 DDPOTrainer.sample_epoch = sample_epoch
 
@@ -372,7 +374,13 @@ def _record_weights(self:DDPOTrainer):
     with open(self.run_dir/f"weights-rank{self.acc.process_index}.jsonl", "a") as f: f.write(line + "\n")
 
 DDPOTrainer.train_epoch, DDPOTrainer.reference_mean, DDPOTrainer._bad_gradient = train_epoch, reference_mean, _bad_gradient
-DDPOTrainer._record_weights = _record_weights
+def _record_draws(self:DDPOTrainer, epoch:int, prompts:list[str], traj:Trajectory):
+    "Append this process's draws of `epoch` (its prompts, a checksum of its starting noise x_T) to its draws file."
+    x_T = traj.latents[:, 0].double()
+    line = json.dumps(dict(epoch=epoch, prompts=prompts, noise_sum=float(x_T.sum()), noise_sq=float((x_T**2).sum())))
+    with open(self.run_dir/f"draws-rank{self.acc.process_index}.jsonl", "a") as f: f.write(line + "\n")
+
+DDPOTrainer._record_weights, DDPOTrainer._record_draws = _record_weights, _record_draws
 
 # %% ../nbs/06_train.ipynb #a1a29a98
 def save_grid(images:torch.Tensor, captions:list[str], path:str|Path, title:str=""):

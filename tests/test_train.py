@@ -101,6 +101,13 @@ def test_two_processes_save_resume_identical_ranks(tmp_path, lora):
     assert len(r0) == 3 * 2 and r0 == r1          # 2 minibatches per process per epoch, identical after every step
     assert len({r["sum"] for r in r0}) == len(r0)  # and the weights did change at every step
     assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2]
+    d0, d1 = draws_log(run, 0), draws_log(run, 1)   # but each process sampled its own prompts and noise, every epoch
+    assert [d["epoch"] for d in d0] == [d["epoch"] for d in d1] == [0, 1, 2]
+    assert all(a["noise_sum"] != b["noise_sum"] and a["noise_sq"] != b["noise_sq"] for a, b in zip(d0, d1)), (d0, d1)
+    assert any(a["prompts"] != b["prompts"] for a, b in zip(d0, d1)), "both processes drew the same prompts every epoch"
+    assert len({d["noise_sum"] for d in d0}) == 3          # and fresh noise every epoch, resumed epoch 2 included
+
+def draws_log(run_dir, rank): return [json.loads(l) for l in (Path(run_dir)/f"draws-rank{rank}.jsonl").read_text().splitlines()]
 
 def final_weights(run_dir):
     "Every tensor the run saved in final/ (the UNet of a full fine-tune, or the LoRA file), by file and name."
