@@ -32,6 +32,8 @@ def lab(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",   # a private Jupyter config: no user settings leak in
            "JUPYTER_CONFIG_DIR": str(tmp_path/"config"), "JUPYTER_RUNTIME_DIR": str(tmp_path/"runtime"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path/"settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path/"workspaces")}
+    notes = tmp_path/"settings"/"@jupyterlab"/"apputils-extension"/"notification.jupyterlab-settings"
+    notes.parent.mkdir(parents=True); notes.write_text(json.dumps({"fetchNews": "false"}))   # no news toast over the page
     log = open(tmp_path/"jupyterlab.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
                              f"--IdentityProvider.token={token}", "--allow-root", f"--ServerApp.root_dir={work}", "--LabApp.news_url=",
