@@ -35,7 +35,7 @@ def test_site_has_every_lesson_and_module(site):
     assert {f"lessons/{p.stem}.html" for p in build_docs.lessons()} <= names
     assert {f"api/{m}.html" for m in build_docs.modules()} <= names
     assert len(build_docs.modules()) >= 10 and not (site/"lessons"/"_scratch").exists()
-    unnumbered = [p.stem for p in build_docs.lessons() if not p.name.startswith("A")
+    unnumbered = [p.stem for p in build_docs.lessons() if not build_docs.is_appendix(p)
                   and f"{p.stem.split('_')[0]} · " not in (site/"lessons"/f"{p.stem}.html").read_text()]
     assert not unnumbered, f"lesson pages whose title lacks the lesson number: {unnumbered}"
 

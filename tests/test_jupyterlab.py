@@ -50,7 +50,7 @@ def lab(tmp_path):
                     raise RuntimeError(f"JupyterLab did not start:\n{(tmp_path/'jupyterlab.log').read_text()[-3000:]}")
                 time.sleep(0.5)
         drv = docs_browser.driver(width=1400, height=1000)
-        try: yield drv, f"{base}/lab/tree/{LESSON}?token={token}", work
+        try: yield drv, f"{base}/lab/tree/{LESSON}?token={token}"
         finally: drv.quit()
     finally:
         proc.terminate()
@@ -69,7 +69,7 @@ def test_moving_a_slider_of_the_clip_explorer_redraws_its_figure(lab, tmp_path):
     except BaseException:
         lab[0].save_screenshot(str(tmp_path/"failure.png")); print(f"screenshot at the failure: {tmp_path/'failure.png'}"); raise
 
-def _move_a_slider(drv, url, work):
+def _move_a_slider(drv, url):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -1,8 +1,10 @@
 "Repository-level checks: the README is generated from the notebook, and the package uses public APIs only."
-import re, subprocess, sys
+import json, re, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT/"tools"))
+import build_docs   # its `lessons()`: the numbered lessons, then the appendices
 
 def test_readme_in_sync():
     res = subprocess.run([sys.executable, str(ROOT/"tools"/"make_readme.py"), "--check"], capture_output=True, text=True)
@@ -25,21 +27,16 @@ def test_readme_links_to_local_files_resolve():
     local = [m for m in re.findall(r"\]\(([^)\s]+)\)", text) if not m.startswith(("http://", "https://", "#"))]
     assert local and all((ROOT/m).exists() for m in local), [m for m in local if not (ROOT/m).exists()]
 
-def _md(nb_path):
-    import json
-    return [("".join(c["source"])) for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "markdown"]
-
 def test_every_lesson_opens_with_what_it_builds_and_closes_with_a_summary_and_its_sources():
     "Each lesson and appendix: an opening right after the title, and a last section `## Summary` of three lines plus links."
-    import json
-    nbs = sorted((ROOT/"nbs").glob("[0-9]*.ipynb")) + sorted((ROOT/"nbs").glob("A[0-9]*.ipynb"))
+    nbs = build_docs.lessons()
     assert len(nbs) >= 16, [p.name for p in nbs]
     bad = []
     for p in nbs:
         cells = json.loads(p.read_text())["cells"]
         if not ("".join(cells[1]["source"]).startswith("**What this") and cells[1]["cell_type"] == "markdown"):
             bad.append(f"{p.name}: cell 2 is not the opening '**What this lesson builds:** ...'")
-        last = _md(p)[-1]
+        last = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"][-1]
         bullets = [l for l in last.splitlines() if l.startswith("- ")]
         if not last.startswith("## Summary") or len(bullets) != 3:
             bad.append(f"{p.name}: the last markdown cell is not '## Summary' with three '- ' lines ({len(bullets)})")
@@ -48,7 +45,6 @@ def test_every_lesson_opens_with_what_it_builds_and_closes_with_a_summary_and_it
     assert not bad, "\n".join(bad)
 
 def test_every_notebook_is_in_the_lesson_table():
-    import json
     table = "".join("".join(c["source"]) for c in json.loads((ROOT/"nbs"/"index.ipynb").read_text())["cells"])
     missing = [p.stem for p in (ROOT/"nbs").glob("*.ipynb") if p.stem != "index" and f"| `{p.stem}` |" not in table]
     assert not missing, missing

@@ -19,6 +19,8 @@ def lessons() -> list[Path]:
     "The lessons in course order: the numbered notebooks as the course table lists them, then the appendices (A1, A2, ...)."
     return sorted(NBS.glob("[0-9]*.ipynb")) + sorted(NBS.glob("A[0-9]*.ipynb"))
 
+def is_appendix(nb_path:Path) -> bool: return nb_path.name.startswith("A")
+
 def modules() -> list[str]:
     "Every module of the package that exports names, in the order of the lessons that build them."
     order = []
@@ -122,10 +124,10 @@ def build(strict:bool=True) -> Path:
     lesson_nav, appendix_nav = [], []
     for p in lessons():
         nb = process(p)
-        if not p.name.startswith("A"): numbered(nb, p.stem.split("_")[0])
+        if not is_appendix(p): numbered(nb, p.stem.split("_")[0])
         (BUILD/"lessons"/p.name).write_text(json.dumps(nb))
         # mkdocs-jupyter names a page after its notebook's H1, so the lesson number goes into the H1 itself
-        (appendix_nav if p.name.startswith("A") else lesson_nav).append({title(nb, p.stem): f"lessons/{p.name}"})
+        (appendix_nav if is_appendix(p) else lesson_nav).append({title(nb, p.stem): f"lessons/{p.name}"})
     nav.append({"Lessons": lesson_nav})
     if appendix_nav: nav.append({"Appendices": appendix_nav})
     api_nav = []
