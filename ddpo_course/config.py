@@ -62,6 +62,7 @@ class TrainConfig:
     global_batch_size: int|None = None # trajectories per optimizer step over all processes; set, the recipe is the same at any GPU count
     inner_epochs: int = 1              # passes over each epoch's samples
     timestep_fraction: float = 1.0     # fraction of each trajectory's steps trained on, in (0, 1]
+    timesteps: str = "random"          # which steps: "random" (a random fraction of each trajectory's, as DDPO) or "first" (the noisiest)
     timesteps_per_call: str = "auto"   # trained timesteps batched into one UNet call: auto, all, or a divisor of them (same gradient)
     learning_rate: float = 3e-4
     adam_beta1: float = 0.9
@@ -75,6 +76,7 @@ class TrainConfig:
     advantages: str = "per_prompt"     # baseline: "per_prompt" (buffer of recent rewards), "group" (this epoch's k samples), "batch"
     kl_coef: float = 0.0               # β of the KL penalty to the pretrained model (DPOK); kl_ref is logged even at 0
     log_kl_ref: bool = True            # at kl_coef 0, estimate kl_ref anyway (a reference copy, one more no-grad UNet call per minibatch)
+    shuffle_advantages: bool = False   # the control run: advantages shuffled within each optimizer step, nothing else changed
     stat_buffer_size: int = 32
     stat_min_count: int = 16
 
@@ -92,6 +94,7 @@ class RunConfig:
     trackers: list = field(default_factory=lambda: ["auto"])  # "tensorboard", "wandb", "auto" (those installed), or []
     progress: bool = True              # progress bars on the main process
     record_weights: bool = False       # per-rank checksums of the weights after every optimizer step, and of each epoch's draws
+    snr_every: int = 0                 # epochs between measurements of the gradient's signal-to-noise per step (lesson 04); 0: never
     allow_config_change: bool = False  # let run.resume continue with a configuration that changes the run's meaning
 
 @dataclass
@@ -249,6 +252,9 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     if not t.clip_range > 0: _err("train.clip_range", t.clip_range, "must be > 0, e.g. 1e-4")
     if not t.adv_clip_max > 0: _err("train.adv_clip_max", t.adv_clip_max, "must be > 0, e.g. 5")
     if not 0 < t.timestep_fraction <= 1: _err("train.timestep_fraction", t.timestep_fraction, "must be in (0, 1]")
+    if t.timesteps not in ("random", "first"):
+        _err("train.timesteps", t.timesteps, "use 'random' (a random fraction of each trajectory's steps) or 'first' (the noisiest steps)")
+    if run.snr_every < 0: _err("run.snr_every", run.snr_every, "must be >= 0 (0 never measures)")
     k, n = str(t.timesteps_per_call).lower(), trained_steps(cfg)
     if k not in ("auto", "all") and not (k.isdigit() and int(k) >= 1 and n % int(k) == 0):
         _err("train.timesteps_per_call", t.timesteps_per_call, f"use auto, all, or a positive divisor of the {n} trained timesteps "

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .sampling import Trajectory, policy_step
+
 # %% auto #0
-__all__ = ['LossOutput', 'ddpo_loss', 'plot_clipped_objective', 'clip_explorer', 'gaussian_kl']
+__all__ = ['LossOutput', 'ddpo_loss', 'plot_clipped_objective', 'clip_explorer', 'gaussian_kl', 'GradientSNR', 'gradient_snr']
 
 # %% ../nbs/04_loss.ipynb #4aa6dcfb
 @dataclass
@@ -89,3 +91,49 @@ def gaussian_kl(mean:Tensor, # μ_θ, the policy's step mean [B, ...]
     std = std.float().clamp_min(torch.finfo(torch.float32).tiny)
     kl = (mean.float() - ref_mean.float())**2 / (2 * std**2)                           # ‖μ_θ - μ_ref‖² / 2η²σ_t², per dimension
     return kl.mean(dim=tuple(range(1, mean.ndim)))
+
+# %% ../nbs/04_loss.ipynb #d0b1e002
+@dataclass
+class GradientSNR:
+    "Agreement of two independent estimates of the policy gradient (two halves of a batch), per denoising step and summed."
+    cos_t: list[float]   # per step index (0 = the noisiest): cosine between the two halves' gradients
+    norm_t: list[float]  # per step index: norm of the whole batch's gradient
+    cos: float           # cosine of the halves' gradients summed over the `steps` asked for (what one update follows)
+    norm: float          # norm of the whole batch's gradient summed over those steps
+
+def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
+                 scheduler, # the DDIM scheduler the trajectories were sampled with
+                 traj:Trajectory, # this process's trajectories (the first half against the second)
+                 advantages:Tensor, # A [B], one per trajectory
+                 guidance_scale:float, eta:float,
+                 steps:list[int]|None=None, # step indices summed into `cos`, e.g. the trained ones; None: all
+                 batch_size:int=32, # trajectories per UNet call
+                 all_reduce=None, # sums a tensor over processes (e.g. `partial(accelerator.reduce, reduction="sum")`)
+                 params:list|None=None, # parameters whose gradient is measured; None: those of `unet` that require grad
+                ) -> GradientSNR:
+    "Cosine between the REINFORCE gradients of the two halves of `traj`, per denoising step and over `steps`."
+    params = params or [p for p in unet.parameters() if p.requires_grad]
+    N, T = traj.log_probs.shape
+    if N < 2: raise ValueError(f"gradient_snr needs at least 2 trajectories to split in two halves, got {N}")
+    scheduler.set_timesteps(T, device=traj.latents.device)
+    steps = list(range(T)) if steps is None else list(steps)
+    adv, halves = advantages.to(traj.latents.device).float(), (range(0, N // 2), range(N // 2, N))
+    def half_gradient(j, rows):                       # ĝ_h,j = (1/n_h) Σ_i A_i ∇ log p_θ(x^i_{j+1} | x^i_j, c^i)
+        g = torch.zeros(sum(p.numel() for p in params), device=traj.latents.device)
+        for b in range(rows.start, rows.stop, batch_size):
+            i = slice(b, min(b + batch_size, rows.stop))
+            step = policy_step(unet, scheduler, traj.latents[i, j], traj.latents[i, j + 1], traj.timesteps[i, j],
+                               traj.prompt_embeds[i], None if traj.uncond_embeds is None else traj.uncond_embeds[i],
+                               guidance_scale, eta)
+            grads = torch.autograd.grad(-(adv[i] * step.log_prob).sum() / len(rows), params, allow_unused=True)
+            g += torch.cat([torch.zeros(p.numel(), device=g.device) if d is None else d.float().flatten()
+                            for p, d in zip(params, grads)])
+        return all_reduce(g) if all_reduce else g
+    cos = lambda a, b: (a @ b / (a.norm() * b.norm()).clamp_min(1e-30)).item()
+    cos_t, norm_t, sums = [], [], [0, 0]
+    for j in range(T):
+        gA, gB = half_gradient(j, halves[0]), half_gradient(j, halves[1])
+        cos_t.append(cos(gA, gB)); norm_t.append(((gA + gB) / 2).norm().item())
+        if j in steps: sums = [sums[0] + gA, sums[1] + gB]
+        del gA, gB
+    return GradientSNR(cos_t, norm_t, cos(*sums), ((sums[0] + sums[1]) / 2).norm().item())

@@ -12,9 +12,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 # %% auto #0
-__all__ = ['TINY', 'TOY', 'CHECKSUMS', 'quiet_hf', 'check_model_source', 'load_pipeline', 'sd_ddim_scheduler', 'tiny_pipeline',
-           'same_weights', 'ModelFileError', 'toy_dir', 'toy_pipeline_dir', 'write_checksums', 'verify_checksums',
-           'encode_prompts', 'encode_with_uncond']
+__all__ = ['TINY', 'TOY', 'TOY_EARLY', 'CHECKSUMS', 'quiet_hf', 'check_model_source', 'load_pipeline', 'sd_ddim_scheduler',
+           'tiny_pipeline', 'same_weights', 'ModelFileError', 'toy_dir', 'toy_pipeline_dir', 'write_checksums',
+           'verify_checksums', 'encode_prompts', 'encode_with_uncond']
 
 # %% ../nbs/00_models.ipynb #229cdbd7
 def quiet_hf():
@@ -26,15 +26,16 @@ def quiet_hf():
 # %% ../nbs/00_models.ipynb #c66fd099
 TINY = "tiny"  # the model name that builds the offline tiny pipeline (random weights) instead of loading weights
 TOY = "toy"    # the model name of the pretrained shape-world model shipped in the package (lesson 00b)
+TOY_EARLY = "toy-early"   # the same model stopped early in pretraining (about half its samples aligned; lesson 08)
 
 def check_model_source(model:str|Path, # a hub id such as "CompVis/stable-diffusion-v1-4", a local folder, "tiny" or "toy"
                       ) -> str:
     "Raise a clear error if `model` is neither `TINY`, `TOY`, an existing folder, nor shaped like a hub id."
     model = str(model)
-    if model in (TINY, TOY) or Path(model).expanduser().is_dir(): return model
+    if model in (TINY, TOY, TOY_EARLY) or Path(model).expanduser().is_dir(): return model
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
         raise FileNotFoundError(f"model={model!r}: no such folder, and not a hub id of the form 'org/name'. Give an existing "
-                                f"diffusers folder, a hub id, {TOY!r} for the shipped shape-world model or {TINY!r} for the "
+                                f"diffusers folder, a hub id, {TOY!r} for the shipped shape-world model ({TOY_EARLY!r}: stopped early), or {TINY!r} for the "
                                 "offline tiny pipeline with random weights.")
     return model
 
@@ -50,9 +51,13 @@ def load_pipeline(model:str|Path, # hub id, local diffusers folder, "toy" (shipp
     model = check_model_source(model)
     if model == TINY: pipe = tiny_pipeline(seed=seed)
     else:
-        if model == TOY: model = toy_pipeline_dir()      # the shipped files, their checksums verified first
-        pipe = StableDiffusionPipeline.from_pretrained(model, revision=revision, variant=variant,
+        path = toy_pipeline_dir() if model in (TOY, TOY_EARLY) else model   # shipped files: their checksums verified first
+        pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant,
                                                        safety_checker=None, requires_safety_checker=False)
+        if model == TOY_EARLY:     # the early UNet and text encoder (stored in fp16), with the final VAE and tokenizer
+            early = verify_checksums(toy_dir(), "early/") and toy_dir()/"early"
+            pipe.unet = UNet2DConditionModel.from_pretrained(early/"unet", torch_dtype=torch.float32)
+            pipe.text_encoder = CLIPTextModel.from_pretrained(early/"text_encoder", torch_dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
@@ -104,7 +109,7 @@ class ModelFileError(FileNotFoundError):
     "A shipped model file is missing or does not match its recorded checksum."
 
 CHECKSUMS = "SHA256SUMS"
-_REBUILD = {"pipeline": "00b_pretrain", "shapenet": "00a_world", "aesthetic": "01_aesthetic"}   # what writes each file
+_REBUILD = {"pipeline": "00b_pretrain", "early": "00b_pretrain", "shapenet": "00a_world", "judge": "00a_world", "aesthetic": "01_aesthetic"}   # what writes each file
 
 def toy_dir() -> Path:
     "The folder of the shipped shape-world models, inside the installed package."

@@ -6,12 +6,14 @@
 from __future__ import annotations
 import json, math, time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -19,11 +21,11 @@ from .aesthetic import image_batch
 from .tokenizer import clip_tokenizer
 from .models import sd_ddim_scheduler, toy_dir, write_checksums, load_pipeline
 from .world import (ALL_PAIRS, BACKGROUNDS, COLOURS, SHAPES, caption, pair_kind, parse_caption,
-                               world_tensors, load_shapenet)
+                               world_tensors, judged_aligned)
 
 # %% auto #0
-__all__ = ['untrained_toy_pipeline', 'train_vae', 'encode_world', 'train_denoiser', 'pretrain_toy', 'sample_images',
-           'alignment_rates']
+__all__ = ['untrained_toy_pipeline', 'train_vae', 'encode_world', 'train_denoiser', 'save_denoiser', 'pretrain_toy',
+           'sample_images', 'alignment_rates', 'with_denoiser', 'rate_checkpoints', 'ship_early']
 
 # %% ../nbs/00b_pretrain.ipynb #bf6697ef
 def untrained_toy_pipeline(seed:int=0) -> StableDiffusionPipeline:
@@ -31,14 +33,14 @@ def untrained_toy_pipeline(seed:int=0) -> StableDiffusionPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",)*2, up_block_types=("UpDecoderBlock2D",)*2,
-            norm_num_groups=16, sample_size=32, mid_block_add_attention=False)
+        vae = AutoencoderKL(          # three levels: 32x32 pixels -> 8x8x4 latents
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(16, 32, 64),
+            down_block_types=("DownEncoderBlock2D",)*3, up_block_types=("UpDecoderBlock2D",)*3,
+            norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=32))
@@ -47,6 +49,7 @@ def untrained_toy_pipeline(seed:int=0) -> StableDiffusionPipeline:
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
 
 # %% ../nbs/00b_pretrain.ipynb #c5859f37
 def train_vae(vae:AutoencoderKL, images:Tensor, # uint8 images [N, H, W, 3]
@@ -86,18 +89,22 @@ def train_denoiser(pipe:StableDiffusionPipeline, # its unet and text_encoder are
                    p_uncond:float=0.1, # probability of replacing a caption by the empty prompt
                    snr_gamma:float=5.0, # Min-SNR-γ weighting
                    ema_decay:float=0.999, # decay of the weights' moving average (copied into the models at the end)
-                   seed:int=0, warmup:int=200) -> list[float]:
+                   seed:int=0, warmup:int=200,
+                   checkpoints:Sequence[int]=(), # after these steps, call `on_checkpoint(step)` with the averaged weights in place
+                   on_checkpoint:Callable[[int], None]|None=None,
+                  ) -> list[float]:
     "Train the UNet and the text encoder with SD's ε-prediction objective; the losses."
     unet, te, tok, sched = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     scale = pipe.vae.config.scaling_factor
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, fused=True)   # fused: one kernel for all weights
+    unet.set_attn_processor(AttnProcessor()); te.set_attn_implementation("eager")   # plain attention: faster at these sizes
     lrs = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True)
     g = torch.Generator().manual_seed(seed)
     ids = tok(list(captions) + [""], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     unet.train(); te.train(); losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         i = torch.randint(len(means), (batch_size,), generator=g)
         z0 = (means[i] + stds[i] * torch.randn(means[i].shape, generator=g)) * scale                # z_0
         drop = torch.rand(batch_size, generator=g) < p_uncond
@@ -111,14 +118,26 @@ def train_denoiser(pipe:StableDiffusionPipeline, # its unet and text_encoder are
         loss = (w * (pred - eps).square().mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); lrs.step(); ema.step(params)
         losses.append(loss.item())
+        if step in checkpoints and on_checkpoint is not None:
+            ema.store(params); ema.copy_to(params); unet.eval(); te.eval()
+            on_checkpoint(step)
+            ema.restore(params); unet.train(); te.train()
     ema.copy_to(params)
+    unet.set_default_attn_processor(); te.set_attn_implementation("sdpa")
     unet.eval(); te.eval()
     return losses
 
+
 # %% ../nbs/00b_pretrain.ipynb #5d9ea322
+def save_denoiser(pipe:StableDiffusionPipeline, folder:str|Path):
+    "Save the trained parts (UNet and text encoder) of `pipe` as diffusers/transformers folders under `folder`."
+    pipe.unet.save_pretrained(Path(folder)/"unet"); pipe.text_encoder.save_pretrained(Path(folder)/"text_encoder")
+
 def pretrain_toy(out_dir:str|Path, # where the diffusers folder goes
-                 vae_steps:int=1600, vae_batch_size:int=32, vae_lr:float=4e-3, unet_steps:int=1500, batch_size:int=64,
+                 vae_steps:int=3000, vae_batch_size:int=16, vae_lr:float=2e-3, unet_steps:int=6500, batch_size:int=32,
                  n_images:int=30_000, seed:int=0,
+                 checkpoint_dir:str|Path|None=None, # where the UNet and text encoder are saved along the way
+                 checkpoint_steps:Sequence[int]=(500, 1000, 1500, 2000, 3000, 4000, 5000), # UNet steps after which they are saved
                 ) -> tuple[StableDiffusionPipeline, dict]:
     "Pretrain the toy model on the shape world; save it to `out_dir` with its training log."
     t0 = time.perf_counter(); torch.manual_seed(seed)
@@ -130,14 +149,21 @@ def pretrain_toy(out_dir:str|Path, # where the diffusers folder goes
     means, stds = encode_world(pipe.vae, ims)
     pipe.vae.register_to_config(scaling_factor=1 / torch.cat([means, stds]).std().item())
     t3 = time.perf_counter()
-    unet_losses = train_denoiser(pipe, means, stds, caps, unet_steps, batch_size=batch_size, lr=1e-3, seed=seed)
+    saved = []                                        # (UNet step, seconds since the start) of each checkpoint
+    def on_checkpoint(step):
+        saved.append((step, time.perf_counter() - t0))
+        if checkpoint_dir is not None: save_denoiser(pipe, Path(checkpoint_dir)/f"step-{step:05d}")
+    unet_losses = train_denoiser(pipe, means, stds, caps, unet_steps, batch_size=batch_size, lr=1e-3, seed=seed,
+                                 checkpoints=checkpoint_steps, on_checkpoint=on_checkpoint)
     t4 = time.perf_counter()
     log = dict(vae_losses=vae_losses, unet_losses=unet_losses, data_s=t1 - t0, vae_s=t2 - t1, encode_s=t3 - t2,
                unet_s=t4 - t3, total_s=t4 - t0, vae_steps=vae_steps, vae_batch_size=vae_batch_size, unet_steps=unet_steps,
-               n_images=n_images, batch_size=batch_size, seed=seed, threads=torch.get_num_threads())
+               n_images=n_images, batch_size=batch_size, seed=seed, threads=torch.get_num_threads(),
+               checkpoints=[dict(step=s, elapsed_s=e) for s, e in saved] + [dict(step=unet_steps, elapsed_s=t4 - t0)])
     pipe.save_pretrained(out_dir)
     (Path(out_dir)/"pretrain_log.json").write_text(json.dumps(log))
     return pipe, log
+
 
 # %% ../nbs/00b_pretrain.ipynb #b4ba9c6f
 @torch.no_grad()
@@ -154,14 +180,44 @@ def sample_images(pipe:StableDiffusionPipeline, prompts:list[str], num_steps:int
 # %% ../nbs/00b_pretrain.ipynb #f423ed70
 @torch.no_grad()
 def alignment_rates(pipe:StableDiffusionPipeline, per_prompt:int=4, num_steps:int=20, guidance_scale:float=5.0,
-                    seed:int=0, net=None) -> dict[str, float]:
-    "Fraction of samples whose shape and colour the perception network reads as prompted: overall and per kind of pair."
-    net = net or load_shapenet()
-    prompts = [caption(c, s, b) for c, s in ALL_PAIRS for b in BACKGROUNDS for _ in range(per_prompt)]
-    out = net(sample_images(pipe, prompts, num_steps, guidance_scale, seed))
-    named = [parse_caption(p) for p in prompts]                                    # (colour, shape, background)
-    want = torch.tensor([[SHAPES.index(s), list(COLOURS).index(c)] for c, s, _ in named])
-    ok = (out["shape"].argmax(-1) == want[:, 0]) & (out["colour"].argmax(-1) == want[:, 1])
-    kinds = [pair_kind(c, s) for c, s, _ in named]
-    rates = {k: ok[[i for i, x in enumerate(kinds) if x == k]].float().mean().item() for k in ("common", "rare", "held-out")}
-    return dict(overall=ok.float().mean().item(), **rates)
+                    seed:int=0, judge=None, # the observer; None: the shipped `ShapeJudge`, which no reward uses
+                    pairs:list|None=None, # (colour, shape) pairs to rate; None: all 24
+                   ) -> dict[str, float]:
+    "Fraction of samples the judge reads as the prompted shape and colour (overall and per kind of pair), and background."
+    prompts = [caption(c, s, b) for c, s in (pairs or ALL_PAIRS) for b in BACKGROUNDS for _ in range(per_prompt)]
+    ok = judged_aligned(sample_images(pipe, prompts, num_steps, guidance_scale, seed), prompts, judge)
+    kinds = [pair_kind(*parse_caption(p)[:2]) for p in prompts]
+    rates = {k: ok["aligned"][[i for i, x in enumerate(kinds) if x == k]].float().mean().item()
+             for k in ("common", "rare", "held-out") if k in kinds}
+    return dict(overall=ok["aligned"].float().mean().item(), **rates, background=ok["background"].float().mean().item())
+
+# %% ../nbs/00b_pretrain.ipynb #e0b1f001
+def with_denoiser(pipe:StableDiffusionPipeline, folder:str|Path) -> StableDiffusionPipeline:
+    "`pipe` with the UNet and text encoder saved by `save_denoiser` in `folder` (in fp32), the rest shared."
+    unet = UNet2DConditionModel.from_pretrained(Path(folder)/"unet", torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(Path(folder)/"text_encoder", torch_dtype=torch.float32)
+    out = StableDiffusionPipeline(**{**pipe.components, "unet": unet.eval(), "text_encoder": te.eval()}, requires_safety_checker=False)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+def rate_checkpoints(pipe_dir:str|Path, # the finished run's diffusers folder, with its pretrain_log.json
+                     checkpoint_dir:str|Path, # `pretrain_toy`'s checkpoint_dir
+                     per_prompt:int=4) -> list[dict]:
+    "The judge's alignment rates of every checkpoint and of the final model, with the CPU time spent to reach each; saved in the log."
+    log_path = Path(pipe_dir)/"pretrain_log.json"
+    log, pipe = json.loads(log_path.read_text()), load_pipeline(pipe_dir)
+    curve = []
+    for ck in log["checkpoints"]:
+        folder = Path(checkpoint_dir)/f"step-{ck['step']:05d}"
+        model = with_denoiser(pipe, folder) if folder.is_dir() else pipe       # the last entry is the final model
+        curve.append(dict(**ck, **alignment_rates(model, per_prompt=per_prompt)))
+    log["compute_curve"] = curve
+    log_path.write_text(json.dumps(log))
+    return curve
+
+def ship_early(folder:str|Path, # a checkpoint folder of `pretrain_toy`
+               out:str|Path): # where `load_pipeline("toy-early")` reads it: `toy_dir()/"early"`
+    "Copy a checkpoint's UNet and text encoder to `out` in fp16 (half the bytes; loaded back in fp32), with its step."
+    for name, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+        cls.from_pretrained(Path(folder)/name, torch_dtype=torch.float16).save_pretrained(Path(out)/name)
+    (Path(out)/"step.txt").write_text(Path(folder).name.removeprefix("step-").lstrip("0") + "\n")

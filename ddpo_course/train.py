@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, copy, json, os, shutil, sys, time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +20,19 @@ from fastprogress.fastprogress import master_bar, progress_bar
 
 from .advantages import PerPromptStatTracker, batch_normalize, group_normalize
 from .config import Config, ConfigError, config_to_dict, load_config, validate, preset_names, trained_steps, timesteps_per_call, minibatches_per_step, preset_description
-from .loss import ddpo_loss, gaussian_kl
+from .loss import ddpo_loss, gaussian_kl, gradient_snr
 from .models import load_pipeline, quiet_hf
 from .prompts import PromptDataset, get_prompts
 from .rewards import RewardError, get_reward
+from .world import judged_aligned, load_judge, parse_caption
 from .sampling import Trajectory, decode_latents, policy_step, sample_trajectories, step_log_prob
 
 # %% auto #0
 __all__ = ['DTYPES', 'LORA_TARGETS', 'MAX_OVERFLOWS', 'seed_for', 'generator', 'TrainingError', 'TrainState', 'wandb_logged_in',
            'latest_checkpoint', 'DDPOTrainer', 'setup', 'image_diversity', 'sample_epoch', 'compute_advantages',
-           'train_epoch', 'reference_mean', 'save_grid', 'evaluate', 'save_checkpoint', 'resume', 'save_final',
-           'read_metrics', 'plot_reward_curve', 'log_epoch', 'train', 'main']
+           'train_epoch', 'shuffle_within', 'reference_mean', 'measure_snr', 'save_grid', 'pair_scores', 'pair_wins',
+           'evaluate', 'save_checkpoint', 'resume', 'save_final', 'read_metrics', 'plot_reward_curve', 'log_epoch',
+           'train', 'main']
 
 # %% ../nbs/06_train.ipynb #210f7c18
 def seed_for(*keys:int) -> int:
@@ -301,11 +304,14 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
     for inner in range(t.inner_epochs):
         g = generator(cfg.run.seed, 3, epoch, inner, acc.process_index)
         perm = torch.randperm(N, generator=g)
-        tperm = torch.stack([torch.randperm(T, generator=g) for _ in range(N)])[:, :self.n_train_steps]   # [N, n]
+        first = t.timesteps == "first"                                    # the noisiest n steps, else a random n of T
+        tperm = torch.stack([torch.randperm(self.n_train_steps if first else T, generator=g) for _ in range(N)])[:, :self.n_train_steps]
         rows = perm[:, None]
         x_t = traj.latents[rows, tperm[perm]]; x_next = traj.latents[rows, tperm[perm] + 1]
         ts, old = traj.timesteps[rows, tperm[perm]], traj.log_probs[rows, tperm[perm]]
         cond, uncond, adv = traj.prompt_embeds[perm], None if traj.uncond_embeds is None else traj.uncond_embeds[perm], advantages[perm]
+        if t.shuffle_advantages:   # the control: each optimizer step's advantages, dealt to its trajectories at random
+            adv = shuffle_within(adv, t.batch_size * self.minibatches_per_step, generator(cfg.run.seed, 5, epoch, inner, acc.process_index))
         minibatches = range(0, N, t.batch_size)
         for b in _bar(minibatches, self.main and cfg.run.progress, getattr(self, '_mb', None)):
             mb = slice(b, b + t.batch_size)
@@ -343,6 +349,11 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
     local = torch.stack([torch.stack(stats[k]).float().mean() if stats[k] else torch.zeros((), device=acc.device) for k in keys])
     return dict(zip(keys, acc.reduce(local, reduction="mean").cpu().tolist()))
 
+def shuffle_within(x:torch.Tensor, size:int, g:torch.Generator) -> torch.Tensor:
+    "`x` with its entries permuted at random within each consecutive block of `size` (the last block may be shorter)."
+    idx = torch.cat([b + torch.randperm(min(size, len(x) - b), generator=g) for b in range(0, len(x), size)])
+    return x[idx.to(x.device)]
+
 MAX_OVERFLOWS = 25   # fp16: optimizer steps skipped in a row before the run stops (2**16 halved 25 times is below 1e-2)
 
 def _bad_gradient(self:DDPOTrainer, epoch:int, norm:torch.Tensor, loss_ok:torch.Tensor):
@@ -373,7 +384,20 @@ def _record_weights(self:DDPOTrainer):
                            head=vec[:8].tolist()))
     with open(self.run_dir/f"weights-rank{self.acc.process_index}.jsonl", "a") as f: f.write(line + "\n")
 
+def measure_snr(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.Tensor) -> dict:
+    "The gradient's signal-to-noise at the sampling weights (lesson 04's `gradient_snr`), as metrics."
+    cfg, acc, s = self.cfg, self.acc, self.cfg.sample
+    adv = advantages   # the control: shuffled within each half, so each half keeps its advantages' sum (see lesson 04)
+    if cfg.train.shuffle_advantages: adv = shuffle_within(adv, len(adv) // 2, generator(cfg.run.seed, 6, epoch, acc.process_index))
+    steps = list(range(self.n_train_steps)) if cfg.train.timesteps == "first" else None
+    with acc.autocast():
+        snr = gradient_snr(acc.unwrap_model(self.unet), self.pipe.scheduler, traj, adv, s.guidance_scale, s.eta, steps=steps,
+                           batch_size=cfg.train.batch_size, params=self.params,
+                           all_reduce=partial(acc.reduce, reduction="sum") if acc.num_processes > 1 else None)
+    return dict(grad_cos=snr.cos, grad_norm_trained=snr.norm, grad_cos_t=snr.cos_t, grad_norm_t=snr.norm_t)
+
 DDPOTrainer.train_epoch, DDPOTrainer.reference_mean, DDPOTrainer._bad_gradient = train_epoch, reference_mean, _bad_gradient
+DDPOTrainer.measure_snr = measure_snr
 def _record_draws(self:DDPOTrainer, epoch:int, prompts:list[str], traj:Trajectory):
     "Append this process's draws of `epoch` (its prompts, a checksum of its starting noise x_T) to its draws file."
     x_T = traj.latents[:, 0].double()
@@ -393,6 +417,24 @@ def save_grid(images:torch.Tensor, captions:list[str], path:str|Path, title:str=
     if title: fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=80, bbox_inches="tight")
 
+def _world_captions(prompts:list[str]) -> bool:
+    try: [parse_caption(p) for p in prompts]; return True
+    except ValueError: return False
+
+def pair_scores(self:DDPOTrainer, images:torch.Tensor, prompts:list[str]) -> dict[str, torch.Tensor]:
+    "Per evaluation pair: the trained reward, each monitored reward and, for shape-world prompts, the judge's `aligned` (0/1)."
+    out = {"reward": self.reward_fn(images, prompts), **{n: f(images, prompts) for n, f in self.monitor_fns.items()}}
+    if _world_captions(prompts):    # the independent observer of lesson 00a, never a reward
+        if getattr(self, "judge", None) is None: self.judge = load_judge()
+        out["aligned"] = judged_aligned(images, prompts, self.judge)["aligned"].float()
+    return out
+
+def pair_wins(now:dict, before:dict) -> dict:
+    "Share of evaluation pairs where each score is strictly higher now than before (`eval_win_*`); the judge's aligned share now and before."
+    out = {f"eval_win_{k}": (now[k] > before[k]).float().mean().item() for k in now if k != "aligned"}
+    if "aligned" in now: out.update(eval_aligned=now["aligned"].mean().item(), eval_aligned_before=before["aligned"].mean().item())
+    return out
+
 def evaluate(self:DDPOTrainer, epoch:int) -> dict:
     "Sample the fixed evaluation prompts from the fixed seed and save the captioned grid; score held-out prompts if any. Epoch -1: before any update."
     cfg, result = self.cfg, {}
@@ -409,8 +451,14 @@ def evaluate(self:DDPOTrainer, epoch:int) -> dict:
             return torch.cat(out)
         try:
             images = draw(cfg.run.eval_prompts, cfg.run.eval_seed)
-            rewards = self.reward_fn(images, cfg.run.eval_prompts)
+            scores = self.pair_scores(images, cfg.run.eval_prompts)
+            rewards = scores["reward"]
             result["eval_reward"] = rewards.mean().item()
+            if epoch == -1: self._eval_before = scores     # each later evaluation is judged pair by pair against these
+            else:
+                if getattr(self, "_eval_before", None) is None:   # a resumed run: score the saved images of before training
+                    self._eval_before = self.pair_scores(torch.load(self.run_dir/"samples"/"eval-before.pt"), cfg.run.eval_prompts)
+                result.update(pair_wins(scores, self._eval_before))
             if self.heldout_prompts:   # prompts never trained on: the trained reward and every monitored one
                 held = [self.heldout_prompts[i % len(self.heldout_prompts)] for i in range(cfg.reward.heldout_samples)]
                 held_images = draw(held, cfg.run.eval_seed + 1)
@@ -477,6 +525,7 @@ def save_final(self:DDPOTrainer):
     acc.wait_for_everyone()
     return out
 
+DDPOTrainer.pair_scores = pair_scores
 DDPOTrainer.evaluate, DDPOTrainer.save_checkpoint, DDPOTrainer.resume, DDPOTrainer.save_final = evaluate, save_checkpoint, resume, save_final
 
 # %% ../nbs/06_train.ipynb #b8d9b2fc
@@ -559,6 +608,8 @@ def train(self:DDPOTrainer):
             v = acc.gather(v.to(acc.device)).cpu()
             monitored.update({f"monitor_{n}_mean": v.mean().item(), f"monitor_{n}_std": v.std(unbiased=False).item()})
         t2 = time.perf_counter()
+        snr = self.measure_snr(epoch, traj, adv) if cfg.run.snr_every and epoch % cfg.run.snr_every == 0 else {}
+        t_snr = time.perf_counter()
         stats = self.train_epoch(epoch, traj, adv)
         t3 = time.perf_counter()
         self.state.epoch = epoch
@@ -569,10 +620,10 @@ def train(self:DDPOTrainer):
         metrics = dict(epoch=epoch, global_step=self.state.global_step, reward_mean=all_rewards.mean().item(),
                        reward_std=all_rewards.std(unbiased=False).item(), reward_min=all_rewards.min().item(),
                        reward_max=all_rewards.max().item(), reward_hist=hist.tolist(), reward_bins=edges.tolist(),
-                       **monitored, **stats, **self.diversity, lr=self.lr_sched.get_last_lr()[0],
+                       **monitored, **stats, **snr, **self.diversity, lr=self.lr_sched.get_last_lr()[0],
                        eval_reward=evals.pop("eval_reward", None), **evals,
                        **times,
-                       gather_s=t2 - t1, training_s=t3 - t2, eval_s=t4 - t3, checkpoint_s=checkpoint_s,
+                       gather_s=t2 - t1, snr_s=t_snr - t2, training_s=t3 - t_snr, eval_s=t4 - t3, checkpoint_s=checkpoint_s,
                        epoch_s=t4 - t0 + checkpoint_s, samples_per_s=cfg.sample.samples_per_epoch / (t4 - t0 + checkpoint_s))
         if eval_before is not None and epoch == epochs.start: metrics.update({f"{k}_before": v for k, v in eval_before.items()})
         self.log_epoch(metrics, all_rewards)
@@ -583,9 +634,14 @@ def train(self:DDPOTrainer):
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last: self.save_checkpoint(epoch)   # drops lines after its checkpoint
         checkpoint_s = time.perf_counter() - t5
     out = self.save_final()
+    m = read_metrics(self.run_dir)
+    if m and "eval_win_reward" in m[-1]:
+        wins = ", ".join(f"{k[9:].replace('reward', cfg.reward.name)} wins {v:.0%}" for k, v in m[-1].items() if k.startswith("eval_win_"))
+        judged = f"; judged aligned {m[-1]['eval_aligned_before']:.0%} -> {m[-1]['eval_aligned']:.0%}" if "eval_aligned" in m[-1] else ""
+        self.log(f"final against before, pair by pair on {len(cfg.run.eval_prompts)} evaluation pairs: {wins}{judged}")
     if self.trackers: acc.end_training()
     self.log(f"done: final model in {out}, metrics in {self.run_dir/'metrics.jsonl'}")
-    return read_metrics(self.run_dir)
+    return m
 
 DDPOTrainer.train = train
 

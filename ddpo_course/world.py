@@ -22,7 +22,8 @@ from .models import toy_dir, verify_checksums, write_checksums
 __all__ = ['SHAPES', 'COLOURS', 'BACKGROUNDS', 'RARE', 'HELD_OUT', 'RARE_WEIGHT', 'IMAGE_SIZE', 'ALL_PAIRS', 'GOLD_WEIGHTS',
            'combo_weights', 'pair_kind', 'caption', 'parse_caption', 'Scene', 'draw_shape', 'random_scene', 'render',
            'ShapeWorld', 'world_tensors', 'labels_of', 'gold_parts', 'gold_score', 'ShapeNet', 'perception_loss',
-           'train_shapenet', 'perception_accuracy', 'load_shapenet']
+           'train_shapenet', 'perception_accuracy', 'load_shapenet', 'ShapeJudge', 'augment', 'train_judge',
+           'load_judge', 'judged_aligned']
 
 # %% ../nbs/00a_world.ipynb #00c83524
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -216,3 +217,67 @@ def load_shapenet(device:str|torch.device|None=None) -> ShapeNet:
     path = verify_checksums(toy_dir(), "shapenet.safetensors")[0]
     net = ShapeNet(); net.load_state_dict(load_file(path))
     return net.eval().requires_grad_(False).to(device)
+
+# %% ../nbs/00a_world.ipynb #c0a1e002
+class ShapeJudge(nn.Module):
+    "An independent observer: names the shape, colour and background of a world image. No reward uses it."
+    def __init__(self, width:int=32):
+        super().__init__()
+        def block(i, o): return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                              nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+        self.body = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 2 * width))   # 32 -> 4
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(2 * width * 16, 128), nn.ReLU())
+        self.shape, self.colour = nn.Linear(128, len(SHAPES)), nn.Linear(128, len(COLOURS))
+        self.background = nn.Linear(128, len(BACKGROUNDS))
+
+    @property
+    def device(self): return next(self.parameters()).device
+    def forward(self, images) -> dict[str, Tensor]:
+        "Logits of shape, colour and background."
+        f = self.head(self.body(image_batch(images, self.device) - 0.5))
+        return dict(shape=self.shape(f), colour=self.colour(f), background=self.background(f))
+
+def augment(x:Tensor, # images [B, 3, H, W] in [0, 1]
+            g:torch.Generator) -> Tensor:
+    "Blur (σ up to 1.2 px), pixel noise (up to 0.08) and a small colour shift (±4% per channel, ±12% brightness)."
+    from torchvision.transforms.v2.functional import gaussian_blur
+    B = len(x)
+    sigma = 1.2 * torch.rand(B, generator=g)
+    x = torch.stack([gaussian_blur(im[None], [5, 5], [s.item()])[0] if s > 0.2 else im for im, s in zip(x, sigma)])
+    x = x * (1 + 0.12 * (2 * torch.rand(B, 1, 1, 1, generator=g) - 1)) + 0.04 * (2 * torch.rand(B, 3, 1, 1, generator=g) - 1)
+    return (x + 0.08 * torch.rand(B, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+def train_judge(steps:int=1000, batch_size:int=64, lr:float=2e-3, seed:int=7,
+                n_images:int=20_000, # training images, every pair drawn uniformly, from a world seed no other network uses
+               ) -> tuple[ShapeJudge, list[float]]:
+    "A `ShapeJudge` trained on augmented world images, and its losses."
+    torch.manual_seed(seed)
+    ims, _, cls, _ = world_tensors(n_images, seed + 5000, ALL_PAIRS)
+    net = ShapeJudge(); opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    g, losses = torch.Generator().manual_seed(seed), []
+    net.train()
+    for _ in range(steps):
+        i = torch.randint(n_images, (batch_size,), generator=g)
+        out = net(augment(image_batch(ims[i]), g))
+        loss = sum(F.cross_entropy(out[k], cls[i, j]) for j, k in enumerate(("shape", "colour", "background")))
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step(); losses.append(loss.item())
+    return net.eval(), losses
+
+def load_judge(device:str|torch.device|None=None) -> ShapeJudge:
+    "The trained `ShapeJudge` shipped in the package (its checksum verified), in eval mode without gradients."
+    from safetensors.torch import load_file
+    path = verify_checksums(toy_dir(), "judge.safetensors")[0]
+    net = ShapeJudge(); net.load_state_dict(load_file(path))
+    return net.eval().requires_grad_(False).to(device)
+
+@torch.no_grad()
+def judged_aligned(images, prompts:list[str], # world captions, one per image
+                   judge:nn.Module|None=None, # a `ShapeJudge` (or any net with shape and colour logits); None loads the shipped one
+                  ) -> dict[str, Tensor]:
+    "Per image, whether `judge` reads the prompt's shape and colour (`aligned`) and its background (`background`): bool `[B]`."
+    judge = judge or load_judge()
+    named = [parse_caption(p) for p in prompts]                    # (colour, shape, background)
+    out = {k: v.argmax(-1).cpu() for k, v in judge(images).items()}
+    want = torch.tensor([[SHAPES.index(s), list(COLOURS).index(c), list(BACKGROUNDS).index(b)] for c, s, b in named])
+    return dict(aligned=(out["shape"] == want[:, 0]) & (out["colour"] == want[:, 1]), background=out["background"] == want[:, 2])

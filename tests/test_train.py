@@ -380,3 +380,52 @@ def test_a_run_folder_not_shared_by_every_process_stops_all_before_any_work(tmp_
                          env=ENV, timeout=300, capture_output=True, text=True)
     assert out.returncode != 0 and "is not the same folder for every process: process(es) [1] do not see" in out.stderr, out.stderr[-2000:]
     assert not (run/"metrics.jsonl").exists() and not (run/"checkpoints").exists() and not (run/".shared-check").exists()
+
+def _recording(monkeypatch, name, keep):
+    "Replace `ddpo_course.train.<name>` by a wrapper that appends `keep(*args)` to a list before calling it; the list."
+    import ddpo_course.train as tr
+    real, seen = getattr(tr, name), []
+    def wrapper(*args, **kw): seen.append(keep(*args)); return real(*args, **kw)
+    monkeypatch.setattr(tr, name, wrapper)
+    return seen
+
+def test_shuffled_advantage_control_deals_the_same_advantages_at_random(tmp_path, monkeypatch):
+    "train.shuffle_advantages: the same samples, rewards and advantages per optimizer step, given to other trajectories."
+    runs = {}
+    for control in (False, True):
+        advs = _recording(monkeypatch, "ddpo_loss", lambda lp, old, adv, *a: adv.detach().clone())
+        m = DDPOTrainer(small(tmp_path/f"run-{control}", "train.epochs=1", "train.global_batch_size=8", "train.log_kl_ref=false",
+                              "train.timesteps_per_call=all", f"train.shuffle_advantages={control}")).train()
+        runs[control] = m[0], torch.cat(advs)
+    (real, a), (shuffled, b) = runs[False], runs[True]
+    assert real["reward_mean"] == shuffled["reward_mean"] and real["reward_std"] == shuffled["reward_std"]   # same samples
+    assert sorted(a.tolist()) == sorted(b.tolist()) and not torch.equal(a, b)                             # same step, dealt anew
+
+def test_first_timesteps_train_only_the_noisiest_steps(tmp_path, monkeypatch):
+    steps = _recording(monkeypatch, "policy_step", lambda unet, sched, x, xn, ts, *a: ts.clone())
+    DDPOTrainer(small(tmp_path/"run", "train.epochs=1", "train.timesteps=first", "train.timestep_fraction=0.5",
+                      "train.log_kl_ref=false")).train()
+    sched = load_pipeline("tiny").scheduler; sched.set_timesteps(4)
+    assert set(torch.cat(steps).tolist()) == set(sched.timesteps[:2].tolist())
+
+def test_gradient_snr_is_logged_per_step_when_asked(tmp_path):
+    m = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "run.snr_every=2", "train.timesteps=first",
+                          "train.timestep_fraction=0.5")).train()
+    assert len(m[0]["grad_cos_t"]) == 4 and all(-1 <= c <= 1 for c in m[0]["grad_cos_t"]) and -1 <= m[0]["grad_cos"] <= 1
+    assert all(n > 0 for n in m[0]["grad_norm_t"]) and "grad_cos_t" not in m[1]      # epoch 1 is not a multiple of 2
+
+def test_evaluation_is_judged_pair_by_pair_against_before_training(tmp_path, capsys):
+    "On shape-world prompts: win rates of the trained and monitored rewards, and the independent judge's aligned share."
+    prompts = "[a red circle on a white background, a blue square on a black background, a yellow cross on a gray background]"
+    cfg = load_config("cpu", [f"run.dir={tmp_path/'run'}", "train.epochs=2", "sample.samples_per_epoch=8", "sample.batch_size=8",
+                              "train.batch_size=8", "train.global_batch_size=8", "run.trackers=[]", "run.progress=false",
+                              "run.eval_every=1", f"run.eval_prompts={prompts}"])
+    trainer = DDPOTrainer(cfg); m = trainer.train()
+    last = m[-1]
+    assert {"eval_win_reward", "eval_win_gold", "eval_win_alignment", "eval_aligned", "eval_aligned_before"} <= set(last)
+    assert all(v in (0, 1/3, 2/3, 1) for k, v in last.items() if k.startswith("eval_win_") or k.startswith("eval_aligned"))
+    from ddpo_course.train import pair_wins
+    before = trainer.pair_scores(torch.load(tmp_path/"run"/"samples"/"eval-before.pt"), cfg.run.eval_prompts)
+    final = trainer.pair_scores(torch.load(tmp_path/"run"/"samples"/"eval-epoch-0001.pt"), cfg.run.eval_prompts)
+    assert pair_wins(final, before) == {k: v for k, v in last.items() if k.startswith("eval_win_") or k.startswith("eval_aligned")}
+    assert "final against before, pair by pair on 3 evaluation pairs: toy_aesthetic wins" in capsys.readouterr().out
