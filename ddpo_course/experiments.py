@@ -4,8 +4,9 @@
 
 # %% ../nbs/08_experiments.ipynb #475acf78
 from __future__ import annotations
-import shlex
+import shlex, time
 from pathlib import Path
+from typing import Callable
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,7 +18,8 @@ from .train import DDPOTrainer, read_metrics
 
 # %% auto #0
 __all__ = ['EXPERIMENT_BASE', 'LABELS', 'SD_EXPERIMENTS', 'SD_COMMON', 'experiment_config', 'differences', 'finished',
-           'run_experiment', 'series', 'plot_runs', 'summary', 'show_rows', 'eval_images', 'sd_command']
+           'run_experiment', 'series', 'plot_runs', 'summary', 'show_rows', 'eval_images', 'pretrain_more',
+           'sd_command']
 
 # %% ../nbs/08_experiments.ipynb #62c437f0
 EXPERIMENT_BASE = ["reward.heldout=shapes_heldout", "reward.heldout_samples=18", "run.eval_every=4",
@@ -25,9 +27,11 @@ EXPERIMENT_BASE = ["reward.heldout=shapes_heldout", "reward.heldout_samples=18",
 
 def experiment_config(name:str, # the run's folder under `root`
                       overrides:list[str]=(), # "section.field=value" changes to the `cpu` preset
-                      root:str|Path="runs/experiments", epochs:int=20, seed:int=0) -> Config:
-    "The `cpu` preset with held-out evaluation, quiet, for `epochs` epochs, in `root/name`."
-    return load_config("cpu", [*EXPERIMENT_BASE, f"train.epochs={epochs}", f"run.seed={seed}",
+                      root:str|Path="runs/experiments", epochs:int=20, seed:int=0,
+                      preset:str="cpu", # the preset the changes apply to
+                     ) -> Config:
+    "`preset` (the `cpu` one by default) with held-out evaluation, quiet, for `epochs` epochs, in `root/name`."
+    return load_config(preset, [*EXPERIMENT_BASE, f"train.epochs={epochs}", f"run.seed={seed}",
                                f"run.dir={Path(root)/name}", "run.overwrite=true", *overrides])
 
 def differences(cfg:Config) -> list[str]:
@@ -47,9 +51,10 @@ def finished(cfg:Config) -> bool:
 
 def run_experiment(name:str, overrides:list[str]=(), root:str|Path="runs/experiments", epochs:int=20, seed:int=0,
                    rerun:bool=False, # run again even if a finished run of the same configuration is there
+                   preset:str="cpu", # the preset the changes apply to
                   ) -> list[dict]:
     "The metrics of one run: read from a finished run of the same configuration in `root/name`, else trained now."
-    cfg = experiment_config(name, overrides, root, epochs, seed)
+    cfg = experiment_config(name, overrides, root, epochs, seed, preset)
     if finished(cfg) and not rerun: return read_metrics(cfg.run.dir)
     done = Path(cfg.run.dir)/"final"
     if done.exists() and not rerun:   # never replace a finished run by accident
@@ -112,6 +117,30 @@ def eval_images(run_dir:str|Path, epoch:int|None=None, heldout:bool=False) -> to
     "The evaluation images a run saved at `epoch` (None: before training)."
     stem = "before" if epoch is None else f"epoch-{epoch:04d}"
     return torch.load(Path(run_dir)/"samples"/(f"heldout-{stem}.pt" if heldout else f"eval-{stem}.pt"))
+
+# %% ../nbs/08_experiments.ipynb #f0c1a002
+def pretrain_more(model:str="toy-early", # the pipeline to continue from
+                  seconds:float=300, # CPU time to spend on UNet and text-encoder steps (data and encoding come first, untimed)
+                  rate:Callable|None=None, # called with the pipeline at a quarter, half, three quarters and the end of the budget
+                  batch_size:int=32, lr:float=1e-3, n_images:int=30_000, seed:int=1) -> list[dict]:
+    "More pretraining of `model` on the shape world for about `seconds`, the rival DDPO's CPU time is measured against: at each quarter, the seconds spent and `rate(pipe)`."
+    from ddpo_course.models import load_pipeline
+    from ddpo_course.pretrain import encode_world, train_denoiser
+    from ddpo_course.world import world_tensors
+    pipe = load_pipeline(model)
+    ims, caps, _, _ = world_tensors(n_images, seed)
+    means, stds = encode_world(pipe.vae, ims)
+    t0 = time.perf_counter(); train_denoiser(pipe, means, stds, caps, 20, batch_size=batch_size, lr=lr, seed=seed, warmup=20)
+    steps = max(4, int(seconds / ((time.perf_counter() - t0) / 20)))   # the budget in steps, at the pace just measured
+    pipe, curve, rating = load_pipeline(model), [], [0.0]                 # start again from the checkpoint
+    def on_checkpoint(step):
+        t = time.perf_counter()
+        curve.append(dict(step=step, seconds=t - t0 - rating[0], **(rate(pipe) if rate else {})))
+        rating[0] += time.perf_counter() - t                              # rating time is not training time
+    t0 = time.perf_counter()
+    train_denoiser(pipe, means, stds, caps, steps, batch_size=batch_size, lr=lr, seed=seed, warmup=min(200, steps // 10 + 1),
+                   checkpoints=[steps // 4, steps // 2, 3 * steps // 4, steps], on_checkpoint=on_checkpoint)
+    return curve
 
 # %% ../nbs/08_experiments.ipynb #7a15a6c3
 SD_EXPERIMENTS = {

@@ -100,6 +100,8 @@ class GradientSNR:
     norm_t: list[float]  # per step index: norm of the whole batch's gradient
     cos: float           # cosine of the halves' gradients summed over the `steps` asked for (what one update follows)
     norm: float          # norm of the whole batch's gradient summed over those steps
+    cos_all: float       # the same summed over every step
+    norm_all: float
 
 def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
                  scheduler, # the DDIM scheduler the trajectories were sampled with
@@ -129,11 +131,13 @@ def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
             g += torch.cat([torch.zeros(p.numel(), device=g.device) if d is None else d.float().flatten()
                             for p, d in zip(params, grads)])
         return all_reduce(g) if all_reduce else g
-    cos = lambda a, b: (a @ b / (a.norm() * b.norm()).clamp_min(1e-30)).item()
-    cos_t, norm_t, sums = [], [], [0, 0]
+    def cos(a, b): a, b = a.double(), b.double(); return (a @ b / (a.norm() * b.norm()).clamp_min(1e-300)).item()   # float64: 1e6 terms
+    cos_t, norm_t, sums, alls = [], [], [0, 0], [0, 0]
     for j in range(T):
         gA, gB = half_gradient(j, halves[0]), half_gradient(j, halves[1])
         cos_t.append(cos(gA, gB)); norm_t.append(((gA + gB) / 2).norm().item())
         if j in steps: sums = [sums[0] + gA, sums[1] + gB]
+        alls = [alls[0] + gA, alls[1] + gB]
         del gA, gB
-    return GradientSNR(cos_t, norm_t, cos(*sums), ((sums[0] + sums[1]) / 2).norm().item())
+    mean_norm = lambda s: ((s[0] + s[1]) / 2).norm().item()
+    return GradientSNR(cos_t, norm_t, cos(*sums), mean_norm(sums), cos(*alls), mean_norm(alls))

@@ -394,7 +394,7 @@ def measure_snr(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
         snr = gradient_snr(acc.unwrap_model(self.unet), self.pipe.scheduler, traj, adv, s.guidance_scale, s.eta, steps=steps,
                            batch_size=cfg.train.batch_size, params=self.params,
                            all_reduce=partial(acc.reduce, reduction="sum") if acc.num_processes > 1 else None)
-    return dict(grad_cos=snr.cos, grad_norm_trained=snr.norm, grad_cos_t=snr.cos_t, grad_norm_t=snr.norm_t)
+    return dict(grad_cos=snr.cos, grad_norm_trained=snr.norm, grad_cos_all=snr.cos_all, grad_cos_t=snr.cos_t, grad_norm_t=snr.norm_t)
 
 DDPOTrainer.train_epoch, DDPOTrainer.reference_mean, DDPOTrainer._bad_gradient = train_epoch, reference_mean, _bad_gradient
 DDPOTrainer.measure_snr = measure_snr
