@@ -423,7 +423,7 @@ def test_evaluation_is_judged_pair_by_pair_against_before_training(tmp_path, cap
     trainer = DDPOTrainer(cfg); m = trainer.train()
     last = m[-1]
     assert {"eval_win_reward", "eval_win_gold", "eval_win_alignment", "eval_aligned", "eval_aligned_before"} <= set(last)
-    assert all(v in (0, 1/3, 2/3, 1) for k, v in last.items() if k.startswith("eval_win_") or k.startswith("eval_aligned"))
+    assert all(abs(3 * v - round(3 * v)) < 1e-6 for k, v in last.items() if k.startswith(("eval_win_", "eval_aligned")))   # shares of 3 pairs
     from ddpo_course.train import pair_wins
     before = trainer.pair_scores(torch.load(tmp_path/"run"/"samples"/"eval-before.pt"), cfg.run.eval_prompts)
     final = trainer.pair_scores(torch.load(tmp_path/"run"/"samples"/"eval-epoch-0001.pt"), cfg.run.eval_prompts)
