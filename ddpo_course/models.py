@@ -55,7 +55,7 @@ def load_pipeline(model:str|Path, # hub id, local diffusers folder, "toy" (shipp
         pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant,
                                                        safety_checker=None, requires_safety_checker=False)
         if model == TOY_EARLY:     # the early UNet and text encoder (stored in fp16), with the final VAE and tokenizer
-            early = verify_checksums(toy_dir(), "early/") and toy_dir()/"early"
+            verify_checksums(toy_dir(), "early/"); early = toy_dir()/"early"
             pipe.unet = UNet2DConditionModel.from_pretrained(early/"unet", torch_dtype=torch.float32)
             pipe.text_encoder = CLIPTextModel.from_pretrained(early/"text_encoder", torch_dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
