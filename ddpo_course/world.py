@@ -22,8 +22,8 @@ from .models import toy_dir, verify_checksums, write_checksums
 __all__ = ['SHAPES', 'COLOURS', 'BACKGROUNDS', 'RARE', 'HELD_OUT', 'RARE_WEIGHT', 'IMAGE_SIZE', 'ALL_PAIRS', 'GOLD_WEIGHTS',
            'combo_weights', 'pair_kind', 'caption', 'parse_caption', 'Scene', 'draw_shape', 'random_scene', 'render',
            'ShapeWorld', 'world_tensors', 'labels_of', 'gold_parts', 'gold_score', 'ShapeNet', 'perception_loss',
-           'train_shapenet', 'perception_accuracy', 'load_shapenet', 'ShapeJudge', 'augment', 'train_judge',
-           'load_judge', 'judged_aligned']
+           'fit_observer', 'train_shapenet', 'perception_accuracy', 'load_shapenet', 'ShapeJudge', 'augment',
+           'train_judge', 'load_judge', 'judged_aligned']
 
 # %% ../nbs/00a_world.ipynb #00c83524
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -187,6 +187,19 @@ def perception_loss(out:dict, cls:Tensor, geo:Tensor) -> Tensor:
     return (F.cross_entropy(out["shape"], cls[:, 0]) + F.cross_entropy(out["colour"], cls[:, 1])
             + F.cross_entropy(out["background"], cls[:, 2]) + 10 * F.mse_loss(out["geometry"], geo))
 
+def fit_observer(net:nn.Module, n_images:int, steps:int, batch_size:int, lr:float, seed:int,
+                 batch_loss, # (indices of a batch [B], generator) -> that batch's loss
+                ) -> list[float]:
+    "Train `net` in place with AdamW and a one-cycle schedule on `steps` random batches of image indices; the losses."
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    g, losses = torch.Generator().manual_seed(seed), []
+    net.train()
+    for _ in range(steps):
+        loss = batch_loss(torch.randint(n_images, (batch_size,), generator=g), g)
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step(); losses.append(loss.item())
+    return losses
+
 def train_shapenet(steps:int=800, # optimizer steps
                    batch_size:int=128, lr:float=2e-3, seed:int=0,
                    n_images:int=20_000, # training images, every pair drawn uniformly
@@ -194,15 +207,11 @@ def train_shapenet(steps:int=800, # optimizer steps
     "A `ShapeNet` trained on the world's ground truth, and its losses."
     torch.manual_seed(seed)
     ims, _, cls, geo = world_tensors(n_images, seed + 1000, ALL_PAIRS)
-    net = ShapeNet(); opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
-    g, losses = torch.Generator().manual_seed(seed), []
-    for _ in range(steps):
-        i = torch.randint(n_images, (batch_size,), generator=g)
-        x = (image_batch(ims[i]) + 0.03 * torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)).clamp(0, 1)
-        loss = perception_loss(net(x), cls[i], geo[i])
-        opt.zero_grad(); loss.backward(); opt.step(); sched.step(); losses.append(loss.item())
-    return net.eval(), losses
+    net = ShapeNet()
+    def batch_loss(i, g):   # a little pixel noise, so it also reads slightly soft images
+        x = (image_batch(ims[i]) + 0.03 * torch.randn(len(i), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)).clamp(0, 1)
+        return perception_loss(net(x), cls[i], geo[i])
+    return net.eval(), fit_observer(net, n_images, steps, batch_size, lr, seed, batch_loss)
 
 @torch.no_grad()
 def perception_accuracy(net:ShapeNet, images, cls:Tensor) -> dict[str, float]:
@@ -253,16 +262,11 @@ def train_judge(steps:int=1000, batch_size:int=64, lr:float=2e-3, seed:int=7,
     "A `ShapeJudge` trained on augmented world images, and its losses."
     torch.manual_seed(seed)
     ims, _, cls, _ = world_tensors(n_images, seed + 5000, ALL_PAIRS)
-    net = ShapeJudge(); opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
-    g, losses = torch.Generator().manual_seed(seed), []
-    net.train()
-    for _ in range(steps):
-        i = torch.randint(n_images, (batch_size,), generator=g)
+    net = ShapeJudge()
+    def batch_loss(i, g):
         out = net(augment(image_batch(ims[i]), g))
-        loss = sum(F.cross_entropy(out[k], cls[i, j]) for j, k in enumerate(("shape", "colour", "background")))
-        opt.zero_grad(); loss.backward(); opt.step(); sched.step(); losses.append(loss.item())
-    return net.eval(), losses
+        return sum(F.cross_entropy(out[k], cls[i, j]) for j, k in enumerate(("shape", "colour", "background")))
+    return net.eval(), fit_observer(net, n_images, steps, batch_size, lr, seed, batch_loss)
 
 def load_judge(device:str|torch.device|None=None) -> ShapeJudge:
     "The trained `ShapeJudge` shipped in the package (its checksum verified), in eval mode without gradients."
