@@ -72,7 +72,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0         # gradient-norm clip
     clip_range: float = 1e-4           # PPO ratio clip ε (per-dimension, see lesson 04)
     adv_clip_max: float = 5.0          # advantage clip
-    method: str = "is"                 # "is" (clipped importance sampling) or "sf" (REINFORCE)
+    method: str = "is"                 # "is" (clipped importance sampling), "sf" (REINFORCE) or "nft" (DiffusionNFT, lesson 04)
+    nft_beta: float = 1.0              # nft: β, how far the implicit positive and negative policies sit from the sampling one
     advantages: str = "per_prompt"     # baseline: "per_prompt" (buffer of recent rewards), "group" (this epoch's k samples), "batch"
     kl_coef: float = 0.0               # β of the KL penalty to the pretrained model (DPOK); kl_ref is logged even at 0
     log_kl_ref: bool = True            # at kl_coef 0, estimate kl_ref anyway (a reference copy, one more no-grad UNet call per minibatch)
@@ -284,7 +285,14 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
             _err("train.global_batch_size", g, f"must divide sample.samples_per_epoch ({s.samples_per_epoch}), so an epoch is whole optimizer steps")
     elif (per_process // t.batch_size) % t.gradient_accumulation:
         _err("train.gradient_accumulation", t.gradient_accumulation, f"must divide the minibatches per process ({per_process // t.batch_size})")
-    if t.method not in ("is", "sf"): _err("train.method", t.method, "use 'is' (clipped importance sampling) or 'sf' (REINFORCE)")
+    if t.method not in ("is", "sf", "nft"):
+        _err("train.method", t.method, "use 'is' (clipped importance sampling), 'sf' (REINFORCE) or 'nft' (DiffusionNFT)")
+    if t.method == "nft":
+        if not t.nft_beta > 0: _err("train.nft_beta", t.nft_beta, "must be > 0; 1.0 is usual")
+        if t.kl_coef: _err("train.kl_coef", t.kl_coef, "is a penalty on DDPO's reverse steps; train.method=nft has none: set it to 0")
+        if t.timesteps != "random":
+            _err("train.timesteps", t.timesteps, "selects DDPO's denoising steps; train.method=nft noises each final image at "
+                 "random levels instead: leave it at 'random' (train.timestep_fraction still sets the draws per image)")
     if s.images_per_prompt < 1: _err("sample.images_per_prompt", s.images_per_prompt, "must be a positive integer")
     if per_process % s.images_per_prompt:
         _err("sample.images_per_prompt", s.images_per_prompt, f"must divide the samples per process ({per_process}), so no group is split between processes")

@@ -12,7 +12,8 @@ from torch import Tensor
 from .sampling import Trajectory, policy_step
 
 # %% auto #0
-__all__ = ['LossOutput', 'ddpo_loss', 'plot_clipped_objective', 'clip_explorer', 'gaussian_kl', 'GradientSNR', 'gradient_snr']
+__all__ = ['LossOutput', 'ddpo_loss', 'plot_clipped_objective', 'clip_explorer', 'gaussian_kl', 'GradientSNR', 'gradient_snr',
+           'forward_draws', 'NFTOutput', 'nft_loss', 'nft_gradient_snr']
 
 # %% ../nbs/04_loss.ipynb #4aa6dcfb
 @dataclass
@@ -141,3 +142,70 @@ def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
         del gA, gB
     mean_norm = lambda s: ((s[0] + s[1]) / 2).norm().item()
     return GradientSNR(cos_t, norm_t, cos(*sums), mean_norm(sums), cos(*alls), mean_norm(alls))
+
+# %% ../nbs/04_loss.ipynb #f4a0c002
+def forward_draws(scheduler, # a diffusers scheduler (its `add_noise` and `num_train_timesteps` are used)
+                  x0:Tensor, # clean latents [N, C, H, W]
+                  n:int, # noise levels per latent
+                  generator:torch.Generator|None=None,
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    "`n` forward-process draws per latent: timesteps `[N, n]`, noise ε and noisy x_t, both `[N, n, C, H, W]`."
+    N = len(x0)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (N, n), generator=generator).to(x0.device)   # t ~ U{0..999}
+    noise = torch.randn((N, n, *x0.shape[1:]), generator=generator).to(x0.device, x0.dtype)                 # ε ~ N(0, I)
+    x_t = scheduler.add_noise(x0[:, None].expand_as(noise).flatten(0, 1), noise.flatten(0, 1), t.flatten())  # √ᾱ_t x0 + √(1-ᾱ_t) ε
+    return t, noise, x_t.reshape(noise.shape)
+
+@dataclass
+class NFTOutput:
+    loss: Tensor    # scalar to minimise
+    shift: Tensor   # mean (ε_θ - ε_old)²: how far the prediction has moved from the sampling weights at these draws
+
+def nft_loss(eps:Tensor, # ε_θ(x_t, t, c) under the current weights, with grad [B, C, H, W]
+             eps_old:Tensor, # ε_old: the same under the weights that drew the samples [B, C, H, W]
+             noise:Tensor, # ε, the noise that made x_t [B, C, H, W]
+             advantages:Tensor, # A [B]
+             beta:float=1.0, # β: how far the implicit policies sit from the old one
+             adv_clip_max:float=5.0, # c: advantages clipped to [-c, c], then mapped to r in [0, 1]
+            ) -> NFTOutput:
+    "DiffusionNFT's negative-aware denoising loss for a batch of forward-process draws."
+    if not beta > 0: raise ValueError(f"beta={beta}: must be > 0 (1.0 is usual)")
+    if not adv_clip_max > 0: raise ValueError(f"adv_clip_max={adv_clip_max}: must be > 0, e.g. 5")
+    c, old = adv_clip_max, eps_old.detach().float()
+    r = (0.5 + 0.5 * advantages.detach().float().clamp(-c, c) / c).reshape(-1, *[1] * (eps.ndim - 1))   # r ∈ [0, 1]
+    pos = (1 - beta) * old + beta * eps.float()                                       # ε⁺, the implicit positive policy
+    neg = (1 + beta) * old - beta * eps.float()                                       # ε⁻, its mirror image
+    per_dim = r * (pos - noise)**2 + (1 - r) * (neg - noise)**2
+    loss = c / beta * per_dim.mean()                                                  # L, averaged over draws and dimensions
+    return NFTOutput(loss, ((eps.detach().float() - old)**2).mean())
+
+# %% ../nbs/04_loss.ipynb #f4a0c006
+def nft_gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
+                     scheduler, # the scheduler whose forward process noises the final latents
+                     traj:Trajectory, # this process's trajectories (the first half against the second)
+                     advantages:Tensor, # A [B], one per trajectory
+                     n:int=5, # forward-process draws per trajectory
+                     adv_clip_max:float=5.0, # c of `nft_loss`
+                     batch_size:int=32, # trajectories per UNet call
+                     generator:torch.Generator|None=None, # seeds the draws
+                     all_reduce=None, # sums a tensor over processes
+                     params:list|None=None, # parameters whose gradient is measured; None: those of `unet` that require grad
+                    ) -> tuple[float, float]:
+    "Cosine between the DiffusionNFT gradients of the two halves of `traj` at the sampling weights, and the whole batch's gradient norm."
+    params = params or [p for p in unet.parameters() if p.requires_grad]
+    N = len(traj)
+    if N < 2: raise ValueError(f"nft_gradient_snr needs at least 2 trajectories to split in two halves, got {N}")
+    t, noise, x_t = forward_draws(scheduler, traj.final_latents, n, generator)
+    adv, halves = advantages.to(x_t.device).float(), (range(0, N // 2), range(N // 2, N))
+    def half_gradient(rows):                          # at θ = θ_old: (1/n_h) Σ_i 2 clip(A_i) (ε_θ - ε) ∇ε_θ, averaged over draws
+        g = torch.zeros(sum(p.numel() for p in params), device=x_t.device)
+        for b in range(rows.start, rows.stop, batch_size):
+            i = slice(b, min(b + batch_size, rows.stop))
+            eps = unet(x_t[i].flatten(0, 1), t[i].flatten(), encoder_hidden_states=traj.prompt_embeds[i].repeat_interleave(n, 0)).sample
+            loss = nft_loss(eps, eps.detach(), noise[i].flatten(0, 1), adv[i].repeat_interleave(n), adv_clip_max=adv_clip_max).loss
+            grads = torch.autograd.grad(loss * (i.stop - i.start) / len(rows), params, allow_unused=True)
+            g += torch.cat([torch.zeros(p.numel(), device=g.device) if d is None else d.float().flatten() for p, d in zip(params, grads)])
+        return all_reduce(g) if all_reduce else g
+    gA, gB = half_gradient(halves[0]), half_gradient(halves[1])
+    cos = (gA.double() @ gB.double() / (gA.double().norm() * gB.double().norm()).clamp_min(1e-300)).item()
+    return cos, ((gA + gB) / 2).norm().item()

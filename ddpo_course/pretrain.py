@@ -168,12 +168,14 @@ def pretrain_toy(out_dir:str|Path, # where the diffusers folder goes
 # %% ../nbs/00b_pretrain.ipynb #b4ba9c6f
 @torch.no_grad()
 def sample_images(pipe:StableDiffusionPipeline, prompts:list[str], num_steps:int=20, guidance_scale:float=5.0,
-                  seed:int=0, batch_size:int=64) -> Tensor:
+                  seed:int=0, batch_size:int=64,
+                  eta:float=0.0, # DDIM's noise scale: 0 deterministic (diffusers' default), 1 the stochastic sampler DDPO trains
+                 ) -> Tensor:
     "uint8 images `[N, H, W, 3]` drawn by diffusers' pipeline call, one per prompt."
     out, g = [], torch.Generator().manual_seed(seed)
     for b in range(0, len(prompts), batch_size):
         ims = pipe(prompts[b:b + batch_size], num_inference_steps=num_steps, guidance_scale=guidance_scale,
-                   height=32, width=32, generator=g, output_type="np").images
+                   height=32, width=32, eta=eta, generator=g, output_type="np").images
         out.append(torch.from_numpy((ims * 255).round().astype(np.uint8)))
     return torch.cat(out)
 
@@ -182,10 +184,11 @@ def sample_images(pipe:StableDiffusionPipeline, prompts:list[str], num_steps:int
 def alignment_rates(pipe:StableDiffusionPipeline, per_prompt:int=4, num_steps:int=20, guidance_scale:float=5.0,
                     seed:int=0, judge=None, # the observer; None: the shipped `ShapeJudge`, which no reward uses
                     pairs:list|None=None, # (colour, shape) pairs to rate; None: all 24
+                    eta:float=0.0, # the sampler's noise scale (see `sample_images`)
                    ) -> dict[str, float]:
     "Fraction of samples the judge reads as the prompted shape and colour (overall and per kind of pair), and background."
     prompts = [caption(c, s, b) for c, s in (pairs or ALL_PAIRS) for b in BACKGROUNDS for _ in range(per_prompt)]
-    ok = judged_aligned(sample_images(pipe, prompts, num_steps, guidance_scale, seed), prompts, judge)
+    ok = judged_aligned(sample_images(pipe, prompts, num_steps, guidance_scale, seed, eta=eta), prompts, judge)
     kinds = [pair_kind(*parse_caption(p)[:2]) for p in prompts]
     rates = {k: ok["aligned"][[i for i, x in enumerate(kinds) if x == k]].float().mean().item()
              for k in ("common", "rare", "held-out") if k in kinds}

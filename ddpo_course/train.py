@@ -20,7 +20,7 @@ from fastprogress.fastprogress import master_bar, progress_bar
 
 from .advantages import PerPromptStatTracker, batch_normalize, group_normalize
 from .config import Config, ConfigError, config_to_dict, load_config, validate, preset_names, trained_steps, timesteps_per_call, minibatches_per_step, preset_description
-from .loss import ddpo_loss, gaussian_kl, gradient_snr
+from .loss import ddpo_loss, forward_draws, gaussian_kl, gradient_snr, nft_gradient_snr, nft_loss
 from .models import load_pipeline, quiet_hf
 from .prompts import PromptDataset, get_prompts
 from .rewards import RewardError, get_reward
@@ -30,9 +30,9 @@ from .sampling import Trajectory, decode_latents, policy_step, sample_trajectori
 # %% auto #0
 __all__ = ['DTYPES', 'LORA_TARGETS', 'MAX_OVERFLOWS', 'seed_for', 'generator', 'TrainingError', 'TrainState', 'wandb_logged_in',
            'latest_checkpoint', 'DDPOTrainer', 'setup', 'image_diversity', 'sample_epoch', 'compute_advantages',
-           'train_epoch', 'shuffle_within', 'reference_mean', 'measure_snr', 'save_grid', 'pair_scores', 'pair_wins',
-           'evaluate', 'save_checkpoint', 'resume', 'save_final', 'read_metrics', 'plot_reward_curve', 'log_epoch',
-           'train', 'main']
+           'train_epoch', 'nft_epoch', 'shuffle_within', 'reference_mean', 'measure_snr', 'save_grid', 'pair_scores',
+           'pair_wins', 'evaluate', 'save_checkpoint', 'resume', 'save_final', 'read_metrics', 'plot_reward_curve',
+           'log_epoch', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #210f7c18
 def seed_for(*keys:int) -> int:
@@ -166,7 +166,8 @@ def setup(self:DDPOTrainer):
         for p in unet.parameters():
             if p.requires_grad: p.data = p.data.float()
     else:
-        if cfg.train.kl_coef or cfg.train.log_kl_ref:   # kl_ref's reference: a frozen copy (with LoRA: the same UNet, adapters off)
+        if (cfg.train.kl_coef or cfg.train.log_kl_ref) and cfg.train.method != "nft":   # kl_ref's reference: a frozen copy
+            # (with LoRA: the same UNet, adapters off); DiffusionNFT has no reverse step to compare
             self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(acc.device, self.weight_dtype).eval()
         unet.requires_grad_(True).to(acc.device, torch.float32)
     if cfg.model.gradient_checkpointing: unet.enable_gradient_checkpointing()
@@ -294,6 +295,7 @@ DDPOTrainer.compute_advantages = compute_advantages
 # %% ../nbs/06_train.ipynb #932f61cd
 def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.Tensor) -> dict:
     "Inner epochs of clipped-surrogate training on this process's trajectories."
+    if self.cfg.train.method == "nft": return self.nft_epoch(epoch, traj, advantages)
     cfg, acc, t, s = self.cfg, self.acc, self.cfg.train, self.cfg.sample
     N, T = traj.log_probs.shape
     sched = self.pipe.scheduler; sched.set_timesteps(s.num_steps, device=acc.device)
@@ -333,21 +335,60 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
                         kl = gaussian_kl(step.mean[ref_rows], ref_mean, step.std[ref_rows]).mean()   # KL(p_θ ‖ p_ref)
                         stats["kl_ref"].append(kl.detach())
                     loss = out.loss + t.kl_coef * kl if t.kl_coef else out.loss
-                    loss_ok = loss_ok & torch.isfinite(loss.detach())   # on the device: read only if the gradient is bad
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm), dtype=torch.float32, device=acc.device)
-                        if torch.isfinite(norm): stats["grad_norm"].append(norm); self._overflows = 0
-                        else: self._bad_gradient(epoch, norm, loss_ok)   # raises, unless fp16's loss scale overflowed
-                        loss_ok = torch.ones((), dtype=torch.bool, device=acc.device)
-                    self.opt.step(); self.lr_sched.step(); self.opt.zero_grad(set_to_none=True)
-                    if acc.sync_gradients:
-                        self.state.global_step += 1
-                        if cfg.run.record_weights: self._record_weights()
+                    loss_ok = self._backward(epoch, loss, loss_ok, stats["grad_norm"])
                     for k in ("loss", "approx_kl", "clipfrac"): stats[k].append(getattr(out, k).detach())   # no .item(): no GPU sync per step
     keys = ("loss", "approx_kl", "clipfrac", "grad_norm") + (("kl_ref",) if t.kl_coef or t.log_kl_ref else ())
     local = torch.stack([torch.stack(stats[k]).float().mean() if stats[k] else torch.zeros((), device=acc.device) for k in keys])
     return dict(zip(keys, acc.reduce(local, reduction="mean").cpu().tolist()))
+
+def _backward(self:DDPOTrainer, epoch:int, loss:torch.Tensor, loss_ok:torch.Tensor, grad_norms:list) -> torch.Tensor:
+    "Backward one micro-step's loss (inside `accumulate`); at the last of an optimizer step, clip, check and step. The new `loss_ok`."
+    acc, t = self.acc, self.cfg.train
+    loss_ok = loss_ok & torch.isfinite(loss.detach())   # on the device: read only if the gradient is bad
+    acc.backward(loss)
+    if acc.sync_gradients:
+        norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm), dtype=torch.float32, device=acc.device)
+        if torch.isfinite(norm): grad_norms.append(norm); self._overflows = 0
+        else: self._bad_gradient(epoch, norm, loss_ok)   # raises, unless fp16's loss scale overflowed
+        loss_ok = torch.ones((), dtype=torch.bool, device=acc.device)
+    self.opt.step(); self.lr_sched.step(); self.opt.zero_grad(set_to_none=True)
+    if acc.sync_gradients:
+        self.state.global_step += 1
+        if self.cfg.run.record_weights: self._record_weights()
+    return loss_ok
+
+def nft_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.Tensor) -> dict:
+    "Inner epochs of DiffusionNFT training (lesson 04's `nft_loss`) on this process's final latents: `train.method=nft`."
+    cfg, acc, t = self.cfg, self.acc, self.cfg.train
+    N, n, kt, bs = len(traj), self.n_train_steps, self.timesteps_per_call, t.batch_size
+    g = generator(cfg.run.seed, 7, epoch, acc.process_index)
+    draws = [forward_draws(self.pipe.scheduler, traj.final_latents, n, g) for _ in range(t.inner_epochs)]   # (t, ε, x_t) [N, n, ...]
+    predict = lambda x, ts, rows: self.unet(x.flatten(0, 1), ts.flatten(), encoder_hidden_states=traj.prompt_embeds[rows].repeat_interleave(x.shape[1], 0)).sample
+    olds = []                                          # ε_old: the weights that drew the samples, before any update of this epoch
+    with torch.no_grad(), acc.autocast():
+        for ts, _, x_t in draws:
+            olds.append(torch.cat([torch.cat([predict(x_t[b:b + bs, j:j + kt], ts[b:b + bs, j:j + kt], slice(b, b + bs)).float()
+                                              .reshape(len(x_t[b:b + bs]), -1, *x_t.shape[2:]) for j in range(0, n, kt)], 1)
+                                   for b in range(0, N, bs)]))
+    advantages = advantages.to(acc.device)
+    stats = dict(loss=[], nft_shift=[], grad_norm=[])
+    loss_ok = torch.ones((), dtype=torch.bool, device=acc.device)
+    self.unet.train()
+    for inner, ((ts, noise, x_t), eps_old) in enumerate(zip(draws, olds)):
+        perm = torch.randperm(N, generator=generator(cfg.run.seed, 3, epoch, inner, acc.process_index)).to(acc.device)
+        adv = advantages[perm]
+        if t.shuffle_advantages: adv = shuffle_within(adv, bs * self.minibatches_per_step, generator(cfg.run.seed, 5, epoch, inner, acc.process_index))
+        for b in _bar(range(0, N, bs), self.main and cfg.run.progress, getattr(self, '_mb', None)):
+            rows = perm[b:b + bs]
+            for j in range(0, n, kt):                  # kt draws per trajectory in one UNet call, trajectory-major rows
+                pick = lambda v: v[rows, j:j + kt].flatten(0, 1)
+                with acc.accumulate(self.unet):
+                    with acc.autocast(): eps = predict(x_t[rows, j:j + kt], ts[rows, j:j + kt], rows)
+                    out = nft_loss(eps, pick(eps_old), pick(noise), adv[b:b + bs].repeat_interleave(min(kt, n - j)), t.nft_beta, t.adv_clip_max)
+                    loss_ok = self._backward(epoch, out.loss, loss_ok, stats["grad_norm"])
+                    stats["loss"].append(out.loss.detach()); stats["nft_shift"].append(out.shift)
+    local = torch.stack([torch.stack(stats[k]).float().mean() for k in stats])
+    return dict(zip(stats, acc.reduce(local, reduction="mean").cpu().tolist()))
 
 def shuffle_within(x:torch.Tensor, size:int, g:torch.Generator) -> torch.Tensor:
     "`x` with its entries permuted at random within each consecutive block of `size` (the last block may be shorter)."
@@ -389,6 +430,12 @@ def measure_snr(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
     cfg, acc, s = self.cfg, self.acc, self.cfg.sample
     adv = advantages   # the control: shuffled within each half, so each half keeps its advantages' sum (see lesson 04)
     if cfg.train.shuffle_advantages: adv = shuffle_within(adv, len(adv) // 2, generator(cfg.run.seed, 6, epoch, acc.process_index))
+    if cfg.train.method == "nft":   # the forward-process gradient of lesson 04: one cosine, no per-step breakdown
+        with acc.autocast():
+            cos, norm = nft_gradient_snr(acc.unwrap_model(self.unet), self.pipe.scheduler, traj, adv, self.n_train_steps,
+                                         cfg.train.adv_clip_max, cfg.train.batch_size, generator(cfg.run.seed, 8, epoch, acc.process_index),
+                                         partial(acc.reduce, reduction="sum") if acc.num_processes > 1 else None, self.params)
+        return dict(grad_cos=cos, grad_norm_trained=norm)
     steps = list(range(self.n_train_steps)) if cfg.train.timesteps == "first" else None
     with acc.autocast():
         snr = gradient_snr(acc.unwrap_model(self.unet), self.pipe.scheduler, traj, adv, s.guidance_scale, s.eta, steps=steps,
@@ -397,6 +444,7 @@ def measure_snr(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
     return dict(grad_cos=snr.cos, grad_norm_trained=snr.norm, grad_cos_all=snr.cos_all, grad_cos_t=snr.cos_t, grad_norm_t=snr.norm_t)
 
 DDPOTrainer.train_epoch, DDPOTrainer.reference_mean, DDPOTrainer._bad_gradient = train_epoch, reference_mean, _bad_gradient
+DDPOTrainer._backward, DDPOTrainer.nft_epoch = _backward, nft_epoch
 DDPOTrainer.measure_snr = measure_snr
 def _record_draws(self:DDPOTrainer, epoch:int, prompts:list[str], traj:Trajectory):
     "Append this process's draws of `epoch` (its prompts, a checksum of its starting noise x_T) to its draws file."
@@ -629,7 +677,8 @@ def train(self:DDPOTrainer):
         self.log_epoch(metrics, all_rewards)
         if mb is not None:
             mb.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
-                     f"kl {metrics['approx_kl']:.2e}, clipfrac {metrics['clipfrac']:.2f}, {metrics['epoch_s']:.1f} s")
+                     + (f"kl {metrics['approx_kl']:.2e}, clipfrac {metrics['clipfrac']:.2f}" if "clipfrac" in metrics
+                        else f"shift {metrics['nft_shift']:.2e}") + f", {metrics['epoch_s']:.1f} s")
         t5 = time.perf_counter()   # the record first, then the checkpoint: a kill between them loses nothing, since a resume
         if (epoch + 1) % cfg.run.checkpoint_every == 0 or last: self.save_checkpoint(epoch)   # drops lines after its checkpoint
         checkpoint_s = time.perf_counter() - t5

@@ -126,12 +126,13 @@ def kill_after_checkpoint(cmd, run_dir, name="epoch-0001"):
     os.killpg(proc.pid, signal.SIGKILL); proc.wait()
     assert latest_checkpoint(run_dir).name == name and not (Path(run_dir)/"final").exists()
 
-@pytest.mark.parametrize("processes,lora", [(1, False), (1, True), (2, False)])
-def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, processes, lora):
+@pytest.mark.parametrize("processes,lora,method", [(1, False, "is"), (1, True, "is"), (2, False, "is"), (1, False, "nft")])
+def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, processes, lora, method):
     """A run killed right after its second checkpoint and resumed ends with exactly the weights of the same run left
-    alone: one process (full and LoRA, whose resume must reload the adapters) and two (each rank's RNG and prompt stream)."""
+    alone: one process (full and LoRA, whose resume must reload the adapters; DiffusionNFT, whose noise draws must
+    repeat) and two (each rank's RNG and prompt stream)."""
     start = LAUNCH if processes == 2 else [sys.executable, "-m", "ddpo_course.train"]
-    args = start + ["tiny", *SMALL, "train.epochs=3", "run.checkpoint_every=1", f"model.lora={str(lora).lower()}",
+    args = start + ["tiny", *SMALL, "train.epochs=3", "run.checkpoint_every=1", f"model.lora={str(lora).lower()}", f"train.method={method}",
                     *(["train.batch_size=2", "train.global_batch_size=8"] if processes > 1 else [])]   # 2 minibatches of 2 per rank per step
     subprocess.run(args + [f"run.dir={tmp_path/'a'}"], env=ENV, check=True, timeout=600, capture_output=True)
     kill_after_checkpoint(args + [f"run.dir={tmp_path/'b'}"], tmp_path/"b")
@@ -389,13 +390,15 @@ def _recording(monkeypatch, name, keep):
     monkeypatch.setattr(tr, name, wrapper)
     return seen
 
-def test_shuffled_advantage_control_deals_the_same_advantages_at_random(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["is", "nft"])
+def test_shuffled_advantage_control_deals_the_same_advantages_at_random(tmp_path, monkeypatch, method):
     "train.shuffle_advantages: the same samples, rewards and advantages per optimizer step, given to other trajectories."
     runs = {}
     for control in (False, True):
-        advs = _recording(monkeypatch, "ddpo_loss", lambda lp, old, adv, *a: adv.detach().clone())
+        advs = (_recording(monkeypatch, "ddpo_loss", lambda lp, old, adv, *a: adv.detach().clone()) if method == "is" else
+                _recording(monkeypatch, "nft_loss", lambda eps, old, noise, adv, *a: adv.detach().clone()))
         m = DDPOTrainer(small(tmp_path/f"run-{control}", "train.epochs=1", "train.global_batch_size=8", "train.log_kl_ref=false",
-                              "train.timesteps_per_call=all", f"train.shuffle_advantages={control}")).train()
+                              "train.timesteps_per_call=all", f"train.shuffle_advantages={control}", f"train.method={method}")).train()
         runs[control] = m[0], torch.cat(advs)
     (real, a), (shuffled, b) = runs[False], runs[True]
     assert real["reward_mean"] == shuffled["reward_mean"] and real["reward_std"] == shuffled["reward_std"]   # same samples
@@ -429,3 +432,36 @@ def test_evaluation_is_judged_pair_by_pair_against_before_training(tmp_path, cap
     final = trainer.pair_scores(torch.load(tmp_path/"run"/"samples"/"eval-epoch-0001.pt"), cfg.run.eval_prompts)
     assert pair_wins(final, before) == {k: v for k, v in last.items() if k.startswith("eval_win_") or k.startswith("eval_aligned")}
     assert "final against before, pair by pair on 3 evaluation pairs: toy_aesthetic wins" in capsys.readouterr().out
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.method=ppo"], "train.method='ppo': use 'is'"),
+    (["train.method=nft", "train.nft_beta=0"], "train.nft_beta=0.0: must be > 0"),
+    (["train.method=nft", "train.kl_coef=0.1"], "train.kl_coef=0.1: is a penalty on DDPO's reverse steps"),
+    (["train.method=nft", "train.timesteps=first"], "train.timesteps='first': selects DDPO's denoising steps")])
+def test_bad_nft_settings_fail_before_anything_loads(tmp_path, capsys, overrides, message):
+    assert main(["tiny", f"run.dir={tmp_path/'run'}", *overrides]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path/"run").exists()
+
+def test_nft_fused_draws_give_the_gradient_of_one_call_per_draw(tmp_path):
+    "train.method=nft: the noise draws of a minibatch in one UNet call or one per call, the same first gradient."
+    grads, counts = {}, {}
+    for k in ("1", "all"):
+        tr = DDPOTrainer(small(tmp_path/k, "train.batch_size=8", "train.method=nft", f"train.timesteps_per_call={k}",
+                               "train.max_grad_norm=1e9")).setup()
+        assert not hasattr(tr, "ref_unet")                 # no reverse step to compare: no reference copy
+        traj, rewards, *_ = tr.sample_epoch(0)
+        calls = [0]
+        h = tr.acc.unwrap_model(tr.unet).register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        def record(*a, **kw): grads[k] = [p.grad.detach().clone() for p in tr.params]
+        tr.opt.step = record                                # keep the gradient, take no step
+        stats = tr.train_epoch(0, traj, torch.linspace(-1, 1, len(rewards)))
+        h.remove(); counts[k] = calls[0]
+    n = tr.n_train_steps
+    assert n > 1 and counts == {"1": 2 * n, "all": 2}      # ε_old (no grad) and the training call, per chunk of draws
+    for a, b in zip(grads["1"], grads["all"]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in grads["all"]) and stats["nft_shift"] < 1e-10   # no step taken: ε_θ = ε_old
+
+def test_nft_logs_its_gradient_signal_to_noise_and_its_shift(tmp_path):
+    m = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "train.method=nft", "run.snr_every=1")).train()
+    assert all(-1 <= r["grad_cos"] <= 1 and r["grad_norm_trained"] > 0 for r in m) and "grad_cos_t" not in m[0]
+    assert "clipfrac" not in m[0] and m[0]["nft_shift"] > 0 and m[1]["global_step"] == 4
