@@ -90,17 +90,18 @@ def test_global_batch_size_sets_the_optimizer_steps_per_epoch(tmp_path):
 
 def weights_log(run_dir, rank): return [json.loads(l) for l in (Path(run_dir)/f"weights-rank{rank}.jsonl").read_text().splitlines()]
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_two_processes_save_resume_identical_ranks(tmp_path, lora):
+@pytest.mark.parametrize("lora,method", [(False, "is"), (True, "is"), (False, "nft")])
+def test_two_processes_save_resume_identical_ranks(tmp_path, lora, method):
     run = tmp_path/"run"
     args = ["tiny", f"run.dir={run}", *SMALL, "run.checkpoint_every=1", "run.record_weights=true", "train.batch_size=2",
-            f"model.lora={str(lora).lower()}"]
+            f"model.lora={str(lora).lower()}", f"train.method={method}", *(["run.snr_every=1"] if method == "nft" else [])]
     subprocess.run(LAUNCH + args + ["train.epochs=2"], env=ENV, check=True, timeout=600, capture_output=True)
     subprocess.run(LAUNCH + args + ["train.epochs=3", "run.resume=true"], env=ENV, check=True, timeout=600, capture_output=True)
     r0, r1 = weights_log(run, 0), weights_log(run, 1)
     assert len(r0) == 3 * 2 and r0 == r1          # 2 minibatches per process per epoch, identical after every step
     assert len({r["sum"] for r in r0}) == len(r0)  # and the weights did change at every step
     assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2]
+    if method == "nft": assert all(-1 <= m["grad_cos"] <= 1 and "nft_shift" in m for m in read_metrics(run))   # all-reduced over ranks
     d0, d1 = draws_log(run, 0), draws_log(run, 1)   # but each process sampled its own prompts and noise, every epoch
     assert [d["epoch"] for d in d0] == [d["epoch"] for d in d1] == [0, 1, 2]
     assert all(a["noise_sum"] != b["noise_sum"] and a["noise_sq"] != b["noise_sq"] for a, b in zip(d0, d1)), (d0, d1)
