@@ -94,6 +94,15 @@ def gaussian_kl(mean:Tensor, # μ_θ, the policy's step mean [B, ...]
     return kl.mean(dim=tuple(range(1, mean.ndim)))
 
 # %% ../nbs/04_loss.ipynb #d0b1e002
+def _flat_grad(loss:Tensor, params:list) -> Tensor:
+    "The gradient of `loss` with respect to `params`, as one flat float32 vector (zeros where a parameter is unused)."
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([torch.zeros(p.numel(), device=loss.device) if d is None else d.float().flatten() for p, d in zip(params, grads)])
+
+def _cosine(a:Tensor, b:Tensor) -> float:
+    "Cosine between two flat vectors, summed in float64 (a million terms)."
+    a, b = a.double(), b.double(); return (a @ b / (a.norm() * b.norm()).clamp_min(1e-300)).item()
+
 @dataclass
 class GradientSNR:
     "Agreement of two independent estimates of the policy gradient (two halves of a batch), per denoising step and summed."
@@ -128,20 +137,17 @@ def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
             step = policy_step(unet, scheduler, traj.latents[i, j], traj.latents[i, j + 1], traj.timesteps[i, j],
                                traj.prompt_embeds[i], None if traj.uncond_embeds is None else traj.uncond_embeds[i],
                                guidance_scale, eta)
-            grads = torch.autograd.grad(-(adv[i] * step.log_prob).sum() / len(rows), params, allow_unused=True)
-            g += torch.cat([torch.zeros(p.numel(), device=g.device) if d is None else d.float().flatten()
-                            for p, d in zip(params, grads)])
+            g += _flat_grad(-(adv[i] * step.log_prob).sum() / len(rows), params)
         return all_reduce(g) if all_reduce else g
-    def cos(a, b): a, b = a.double(), b.double(); return (a @ b / (a.norm() * b.norm()).clamp_min(1e-300)).item()   # float64: 1e6 terms
     cos_t, norm_t, sums, alls = [], [], [0, 0], [0, 0]
     for j in range(T):
         gA, gB = half_gradient(j, halves[0]), half_gradient(j, halves[1])
-        cos_t.append(cos(gA, gB)); norm_t.append(((gA + gB) / 2).norm().item())
+        cos_t.append(_cosine(gA, gB)); norm_t.append(((gA + gB) / 2).norm().item())
         if j in steps: sums = [sums[0] + gA, sums[1] + gB]
         alls = [alls[0] + gA, alls[1] + gB]
         del gA, gB
     mean_norm = lambda s: ((s[0] + s[1]) / 2).norm().item()
-    return GradientSNR(cos_t, norm_t, cos(*sums), mean_norm(sums), cos(*alls), mean_norm(alls))
+    return GradientSNR(cos_t, norm_t, _cosine(*sums), mean_norm(sums), _cosine(*alls), mean_norm(alls))
 
 # %% ../nbs/04_loss.ipynb #f4a0c002
 def forward_draws(scheduler, # a diffusers scheduler (its `add_noise` and `num_train_timesteps` are used)
@@ -203,9 +209,7 @@ def nft_gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
             i = slice(b, min(b + batch_size, rows.stop))
             eps = unet(x_t[i].flatten(0, 1), t[i].flatten(), encoder_hidden_states=traj.prompt_embeds[i].repeat_interleave(n, 0)).sample
             loss = nft_loss(eps, eps.detach(), noise[i].flatten(0, 1), adv[i].repeat_interleave(n), adv_clip_max=adv_clip_max).loss
-            grads = torch.autograd.grad(loss * (i.stop - i.start) / len(rows), params, allow_unused=True)
-            g += torch.cat([torch.zeros(p.numel(), device=g.device) if d is None else d.float().flatten() for p, d in zip(params, grads)])
+            g += _flat_grad(loss * (i.stop - i.start) / len(rows), params)
         return all_reduce(g) if all_reduce else g
     gA, gB = half_gradient(halves[0]), half_gradient(halves[1])
-    cos = (gA.double() @ gB.double() / (gA.double().norm() * gB.double().norm()).clamp_min(1e-300)).item()
-    return cos, ((gA + gB) / 2).norm().item()
+    return _cosine(gA, gB), ((gA + gB) / 2).norm().item()

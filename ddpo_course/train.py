@@ -364,12 +364,11 @@ def nft_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.Ten
     g = generator(cfg.run.seed, 7, epoch, acc.process_index)
     draws = [forward_draws(self.pipe.scheduler, traj.final_latents, n, g) for _ in range(t.inner_epochs)]   # (t, ε, x_t) [N, n, ...]
     predict = lambda x, ts, rows: self.unet(x.flatten(0, 1), ts.flatten(), encoder_hidden_states=traj.prompt_embeds[rows].repeat_interleave(x.shape[1], 0)).sample
-    olds = []                                          # ε_old: the weights that drew the samples, before any update of this epoch
-    with torch.no_grad(), acc.autocast():
+    olds, owner = [], torch.arange(N, device=acc.device).repeat_interleave(n)  # ε_old: the weights that drew the samples, before any update of this epoch
+    with torch.no_grad(), acc.autocast():                    # in calls of bs·kt draws, trajectory-major, as training makes them
         for ts, _, x_t in draws:
-            olds.append(torch.cat([torch.cat([predict(x_t[b:b + bs, j:j + kt], ts[b:b + bs, j:j + kt], slice(b, b + bs)).float()
-                                              .reshape(len(x_t[b:b + bs]), -1, *x_t.shape[2:]) for j in range(0, n, kt)], 1)
-                                   for b in range(0, N, bs)]))
+            x, tt, m = x_t.flatten(0, 1)[:, None], ts.flatten()[:, None], bs * kt
+            olds.append(torch.cat([predict(x[k:k + m], tt[k:k + m], owner[k:k + m]).float() for k in range(0, N * n, m)]).reshape(x_t.shape))
     advantages = advantages.to(acc.device)
     stats = dict(loss=[], nft_shift=[], grad_norm=[])
     loss_ok = torch.ones((), dtype=torch.bool, device=acc.device)
@@ -384,7 +383,7 @@ def nft_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.Ten
                 pick = lambda v: v[rows, j:j + kt].flatten(0, 1)
                 with acc.accumulate(self.unet):
                     with acc.autocast(): eps = predict(x_t[rows, j:j + kt], ts[rows, j:j + kt], rows)
-                    out = nft_loss(eps, pick(eps_old), pick(noise), adv[b:b + bs].repeat_interleave(min(kt, n - j)), t.nft_beta, t.adv_clip_max)
+                    out = nft_loss(eps, pick(eps_old), pick(noise), adv[b:b + bs].repeat_interleave(kt), t.nft_beta, t.adv_clip_max)
                     loss_ok = self._backward(epoch, out.loss, loss_ok, stats["grad_norm"])
                     stats["loss"].append(out.loss.detach()); stats["nft_shift"].append(out.shift)
     local = torch.stack([torch.stack(stats[k]).float().mean() for k in stats])
