@@ -74,6 +74,7 @@ class TrainConfig:
     adv_clip_max: float = 5.0          # advantage clip
     method: str = "is"                 # "is" (clipped importance sampling), "sf" (REINFORCE) or "nft" (DiffusionNFT, lesson 04)
     nft_beta: float = 1.0              # nft: β, how far the implicit positive and negative policies sit from the sampling one
+    nft_t_min: int = 0                 # nft: the smallest noise level drawn, t ~ U{nft_t_min..999}; higher trains only the noisier levels
     advantages: str = "per_prompt"     # baseline: "per_prompt" (buffer of recent rewards), "group" (this epoch's k samples), "batch"
     kl_coef: float = 0.0               # β of the KL penalty to the pretrained model (DPOK); kl_ref is logged even at 0
     log_kl_ref: bool = True            # at kl_coef 0, estimate kl_ref anyway (a reference copy, one more no-grad UNet call per minibatch)
@@ -289,6 +290,8 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
         _err("train.method", t.method, "use 'is' (clipped importance sampling), 'sf' (REINFORCE) or 'nft' (DiffusionNFT)")
     if t.method == "nft":
         if not t.nft_beta > 0: _err("train.nft_beta", t.nft_beta, "must be > 0; 1.0 is usual")
+        if not 0 <= t.nft_t_min < 1000:
+            _err("train.nft_t_min", t.nft_t_min, "must be a timestep in [0, 999]: 0 draws every noise level, e.g. 700 only the noisiest 30%")
         if t.kl_coef: _err("train.kl_coef", t.kl_coef, "is a penalty on DDPO's reverse steps; train.method=nft has none: set it to 0")
         if t.timesteps != "random":
             _err("train.timesteps", t.timesteps, "selects DDPO's denoising steps; train.method=nft noises each final image at "

@@ -154,10 +154,12 @@ def forward_draws(scheduler, # a diffusers scheduler (its `add_noise` and `num_t
                   x0:Tensor, # clean latents [N, C, H, W]
                   n:int, # noise levels per latent
                   generator:torch.Generator|None=None,
+                  t_min:int=0, # the smallest timestep drawn: 0 draws every noise level, higher only the noisier ones
                  ) -> tuple[Tensor, Tensor, Tensor]:
     "`n` forward-process draws per latent: timesteps `[N, n]`, noise ε and noisy x_t, both `[N, n, C, H, W]`."
-    N = len(x0)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (N, n), generator=generator).to(x0.device)   # t ~ U{0..999}
+    N, T = len(x0), scheduler.config.num_train_timesteps
+    if not 0 <= t_min < T: raise ValueError(f"t_min={t_min}: must be in [0, {T - 1}], the scheduler's timesteps")
+    t = torch.randint(t_min, T, (N, n), generator=generator).to(x0.device)                                 # t ~ U{t_min..999}
     noise = torch.randn((N, n, *x0.shape[1:]), generator=generator).to(x0.device, x0.dtype)                 # ε ~ N(0, I)
     x_t = scheduler.add_noise(x0[:, None].expand_as(noise).flatten(0, 1), noise.flatten(0, 1), t.flatten())  # √ᾱ_t x0 + √(1-ᾱ_t) ε
     return t, noise, x_t.reshape(noise.shape)
@@ -196,12 +198,13 @@ def nft_gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
                      generator:torch.Generator|None=None, # seeds the draws
                      all_reduce=None, # sums a tensor over processes
                      params:list|None=None, # parameters whose gradient is measured; None: those of `unet` that require grad
+                     t_min:int=0, # the smallest noise level drawn (`forward_draws`)
                     ) -> tuple[float, float]:
     "Cosine between the DiffusionNFT gradients of the two halves of `traj` at the sampling weights, and the whole batch's gradient norm."
     params = params or [p for p in unet.parameters() if p.requires_grad]
     N = len(traj)
     if N < 2: raise ValueError(f"nft_gradient_snr needs at least 2 trajectories to split in two halves, got {N}")
-    t, noise, x_t = forward_draws(scheduler, traj.final_latents, n, generator)
+    t, noise, x_t = forward_draws(scheduler, traj.final_latents, n, generator, t_min)
     adv, halves = advantages.to(x_t.device).float(), (range(0, N // 2), range(N // 2, N))
     def half_gradient(rows):                          # at θ = θ_old: (1/n_h) Σ_i 2 clip(A_i) (ε_θ - ε) ∇ε_θ, averaged over draws
         g = torch.zeros(sum(p.numel() for p in params), device=x_t.device)

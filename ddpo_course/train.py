@@ -362,7 +362,7 @@ def nft_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.Ten
     cfg, acc, t = self.cfg, self.acc, self.cfg.train
     N, n, kt, bs = len(traj), self.n_train_steps, self.timesteps_per_call, t.batch_size
     g = generator(cfg.run.seed, 7, epoch, acc.process_index)
-    draws = [forward_draws(self.pipe.scheduler, traj.final_latents, n, g) for _ in range(t.inner_epochs)]   # (t, ε, x_t) [N, n, ...]
+    draws = [forward_draws(self.pipe.scheduler, traj.final_latents, n, g, t.nft_t_min) for _ in range(t.inner_epochs)]   # (t, ε, x_t) [N, n, ...]
     predict = lambda x, ts, rows: self.unet(x.flatten(0, 1), ts.flatten(), encoder_hidden_states=traj.prompt_embeds[rows].repeat_interleave(x.shape[1], 0)).sample
     olds, owner = [], torch.arange(N, device=acc.device).repeat_interleave(n)  # ε_old: the weights that drew the samples, before any update of this epoch
     with torch.no_grad(), acc.autocast():                    # in calls of bs·kt draws, trajectory-major, as training makes them
@@ -433,7 +433,8 @@ def measure_snr(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
         with acc.autocast():
             cos, norm = nft_gradient_snr(acc.unwrap_model(self.unet), self.pipe.scheduler, traj, adv, self.n_train_steps,
                                          cfg.train.adv_clip_max, cfg.train.batch_size, generator(cfg.run.seed, 8, epoch, acc.process_index),
-                                         partial(acc.reduce, reduction="sum") if acc.num_processes > 1 else None, self.params)
+                                         partial(acc.reduce, reduction="sum") if acc.num_processes > 1 else None, self.params,
+                                         cfg.train.nft_t_min)
         return dict(grad_cos=cos, grad_norm_trained=norm)
     steps = list(range(self.n_train_steps)) if cfg.train.timesteps == "first" else None
     with acc.autocast():

@@ -437,6 +437,7 @@ def test_evaluation_is_judged_pair_by_pair_against_before_training(tmp_path, cap
 @pytest.mark.parametrize("overrides,message", [
     (["train.method=ppo"], "train.method='ppo': use 'is'"),
     (["train.method=nft", "train.nft_beta=0"], "train.nft_beta=0.0: must be > 0"),
+    (["train.method=nft", "train.nft_t_min=1000"], "train.nft_t_min=1000: must be a timestep in [0, 999]"),
     (["train.method=nft", "train.kl_coef=0.1"], "train.kl_coef=0.1: is a penalty on DDPO's reverse steps"),
     (["train.method=nft", "train.timesteps=first"], "train.timesteps='first': selects DDPO's denoising steps")])
 def test_bad_nft_settings_fail_before_anything_loads(tmp_path, capsys, overrides, message):
@@ -461,6 +462,19 @@ def test_nft_fused_draws_give_the_gradient_of_one_call_per_draw(tmp_path):
     assert n > 1 and counts == {"1": 2 * n, "all": 2}      # ε_old (no grad) and the training call, per chunk of draws
     for a, b in zip(grads["1"], grads["all"]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(g.abs().max() > 0 for g in grads["all"]) and stats["nft_shift"] < 1e-10   # no step taken: ε_θ = ε_old
+
+def test_nft_draws_only_noise_levels_from_nft_t_min(tmp_path):
+    "train.nft_t_min: every timestep the UNet sees in NFT's epoch (ε_old and training calls) is at least it; at 0 lower ones occur."
+    seen = {}
+    for t_min in (0, 900):
+        tr = DDPOTrainer(small(tmp_path/str(t_min), "train.batch_size=8", "train.method=nft", f"train.nft_t_min={t_min}")).setup()
+        traj, rewards, *_ = tr.sample_epoch(0)
+        ts = []
+        h = tr.acc.unwrap_model(tr.unet).register_forward_pre_hook(lambda mod, args: ts.append(args[1].detach().clone()))
+        tr.train_epoch(0, traj, torch.linspace(-1, 1, len(rewards)))
+        h.remove(); seen[t_min] = torch.cat(ts)
+    assert seen[900].min() >= 900 and seen[900].max() <= 999 and len(seen[900]) == len(seen[0])
+    assert seen[0].min() < 900
 
 def test_nft_logs_its_gradient_signal_to_noise_and_its_shift(tmp_path):
     m = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "train.method=nft", "run.snr_every=1")).train()
