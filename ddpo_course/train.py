@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #75d40de8
 from __future__ import annotations
-import argparse, copy, json, os, shutil, sys, time
+import argparse, copy, json, os, resource, shutil, sys, time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +32,7 @@ __all__ = ['DTYPES', 'LORA_TARGETS', 'MAX_OVERFLOWS', 'seed_for', 'generator', '
            'latest_checkpoint', 'DDPOTrainer', 'setup', 'image_diversity', 'sample_epoch', 'compute_advantages',
            'train_epoch', 'nft_epoch', 'shuffle_within', 'reference_mean', 'measure_snr', 'save_grid', 'pair_scores',
            'pair_wins', 'evaluate', 'save_checkpoint', 'resume', 'save_final', 'read_metrics', 'plot_reward_curve',
-           'log_epoch', 'train', 'main']
+           'log_epoch', 'peak_rss_mb', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #210f7c18
 def seed_for(*keys:int) -> int:
@@ -635,12 +635,17 @@ def log_epoch(self:DDPOTrainer, metrics:dict, all_rewards:torch.Tensor):
 
 DDPOTrainer.log_epoch = log_epoch
 
+def peak_rss_mb() -> float:
+    "This process's peak resident set size since it started, in MiB (`getrusage`: KiB on Linux, bytes on macOS)."
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
 # %% ../nbs/06_train.ipynb #93504016
 def train(self:DDPOTrainer):
     "Run the remaining epochs, then save the final model."
     if not self._set_up: self.setup()
     cfg, acc = self.cfg, self.acc
-    epochs = range(self.state.epoch + 1, cfg.train.epochs)
+    epochs, t_run = range(self.state.epoch + 1, cfg.train.epochs), time.perf_counter()
     self.log(f"DDPO: {cfg.model.name}, reward {cfg.reward.name}, {acc.num_processes} process(es) on {acc.device.type}, "
              f"{cfg.train.batch_size * self.minibatches_per_step * acc.num_processes} trajectories per optimizer step, epochs {epochs.start}-{cfg.train.epochs - 1}, run folder {self.run_dir}")
     eval_before = self.evaluate(-1) if self.state.epoch == -1 else None   # the grid's first row: the model before any update
@@ -665,6 +670,7 @@ def train(self:DDPOTrainer):
         evals = self.evaluate(epoch) if epoch % cfg.run.eval_every == 0 or last else {}
         t4 = time.perf_counter()
         hist, edges = np.histogram(all_rewards.numpy(), bins=10)
+        rss = acc.gather(torch.tensor([peak_rss_mb()], device=acc.device)).max().item()   # the largest of any process
         metrics = dict(epoch=epoch, global_step=self.state.global_step, reward_mean=all_rewards.mean().item(),
                        reward_std=all_rewards.std(unbiased=False).item(), reward_min=all_rewards.min().item(),
                        reward_max=all_rewards.max().item(), reward_hist=hist.tolist(), reward_bins=edges.tolist(),
@@ -672,7 +678,8 @@ def train(self:DDPOTrainer):
                        eval_reward=evals.pop("eval_reward", None), **evals,
                        **times,
                        gather_s=t2 - t1, snr_s=t_snr - t2, training_s=t3 - t_snr, eval_s=t4 - t3, checkpoint_s=checkpoint_s,
-                       epoch_s=t4 - t0 + checkpoint_s, samples_per_s=cfg.sample.samples_per_epoch / (t4 - t0 + checkpoint_s))
+                       epoch_s=t4 - t0 + checkpoint_s, samples_per_s=cfg.sample.samples_per_epoch / (t4 - t0 + checkpoint_s),
+                       peak_rss_mb=rss)
         if eval_before is not None and epoch == epochs.start: metrics.update({f"{k}_before": v for k, v in eval_before.items()})
         self.log_epoch(metrics, all_rewards)
         if mb is not None:
@@ -689,7 +696,9 @@ def train(self:DDPOTrainer):
         judged = f"; judged aligned {m[-1]['eval_aligned_before']:.0%} -> {m[-1]['eval_aligned']:.0%}" if "eval_aligned" in m[-1] else ""
         self.log(f"final against before, pair by pair on {len(cfg.run.eval_prompts)} evaluation pairs: {wins}{judged}")
     if self.trackers: acc.end_training()
-    self.log(f"done: final model in {out}, metrics in {self.run_dir/'metrics.jsonl'}")
+    rss = acc.gather(torch.tensor([peak_rss_mb()], device=acc.device)).max().item()
+    self.log(f"done in {(time.perf_counter() - t_run) / 60:.1f} min, peak memory (RSS) {rss:.0f} MiB per process: "
+             f"final model in {out}, metrics in {self.run_dir/'metrics.jsonl'}")
     return m
 
 DDPOTrainer.train = train

@@ -1,6 +1,6 @@
 """End-to-end checks of the training job on the tiny offline pipeline: one and two processes, LoRA and full
 fine-tuning, exact resume after SIGKILL, failures that stop the run cleanly, and one test per bad config value."""
-import json, os, signal, subprocess, sys, time
+import json, os, re, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -432,7 +432,10 @@ def test_evaluation_is_judged_pair_by_pair_against_before_training(tmp_path, cap
     before = trainer.pair_scores(torch.load(tmp_path/"run"/"samples"/"eval-before.pt"), cfg.run.eval_prompts)
     final = trainer.pair_scores(torch.load(tmp_path/"run"/"samples"/"eval-epoch-0001.pt"), cfg.run.eval_prompts)
     assert pair_wins(final, before) == {k: v for k, v in last.items() if k.startswith("eval_win_") or k.startswith("eval_aligned")}
-    assert "final against before, pair by pair on 3 evaluation pairs: toy_aesthetic wins" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "final against before, pair by pair on 3 evaluation pairs: toy_aesthetic wins" in out
+    rss = float(re.search(r"done in \d+\.\d min, peak memory \(RSS\) (\d+) MiB per process", out)[1])   # the run's last message
+    assert rss > 100 and all(r["peak_rss_mb"] <= rss + 1 for r in m)   # a high-water mark: no epoch's is above the end's
 
 @pytest.mark.parametrize("overrides,message", [
     (["train.method=ppo"], "train.method='ppo': use 'is'"),
