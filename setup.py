@@ -28,6 +28,7 @@ dev_requirements = [
     'execnb>=0.1.6,<0.2',         # execnb 0.2 needs fastcore 2
     'ghapi<2',                    # ghapi 2 needs fastcore 2
     'pytest>=7',
+    'pytest-xdist>=3.5',          # the README's test command runs the suite on two workers
     'tensorboard>=2.14',
     # the offline docs site (tools/build_docs.py) and its browser checks (tests/test_docs.py)
     'mkdocs-material>=9.5',

@@ -27,6 +27,8 @@ def browser(site):
         try: yield drv, base
         finally: drv.quit()
 
+pytestmark = pytest.mark.xdist_group("docs")   # one pytest-xdist worker builds the site in the repository and checks it
+
 def pages(site): return sorted(p.relative_to(site).as_posix() for p in site.rglob("*.html") if not p.name.startswith("404"))
 
 def test_site_has_every_lesson_and_module(site):

@@ -1,6 +1,6 @@
 """End-to-end checks of the training job on the tiny offline pipeline: one and two processes, LoRA and full
 fine-tuning, exact resume after SIGKILL, failures that stop the run cleanly, and one test per bad config value."""
-import json, os, re, signal, subprocess, sys, time
+import json, os, re, signal, socket, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -15,8 +15,17 @@ from ddpo_course.train import DDPOTrainer, TrainingError, latest_checkpoint, mai
 # A small, fast run: 8 trajectories of 4 steps per epoch.
 SMALL = ["sample.num_steps=4", "sample.samples_per_epoch=8", "sample.batch_size=4", "train.batch_size=4",
          "run.trackers=[]", "run.progress=false", "run.eval_every=100"]
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddpo_course.train"]
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+def launch(*program) -> list[str]:
+    """`accelerate launch` of two CPU processes on a free port (the suite runs on two pytest-xdist workers, so two
+    launches may run at once), then `program`: a script and its arguments, by default the trainer."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+            *(program or ["-m", "ddpo_course.train"])]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture
@@ -95,8 +104,8 @@ def test_two_processes_save_resume_identical_ranks(tmp_path, lora, method):
     run = tmp_path/"run"
     args = ["tiny", f"run.dir={run}", *SMALL, "run.checkpoint_every=1", "run.record_weights=true", "train.batch_size=2",
             f"model.lora={str(lora).lower()}", f"train.method={method}", *(["run.snr_every=1"] if method == "nft" else [])]
-    subprocess.run(LAUNCH + args + ["train.epochs=2"], env=ENV, check=True, timeout=600, capture_output=True)
-    subprocess.run(LAUNCH + args + ["train.epochs=3", "run.resume=true"], env=ENV, check=True, timeout=600, capture_output=True)
+    subprocess.run(launch() + args + ["train.epochs=2"], env=ENV, check=True, timeout=600, capture_output=True)
+    subprocess.run(launch() + args + ["train.epochs=3", "run.resume=true"], env=ENV, check=True, timeout=600, capture_output=True)
     r0, r1 = weights_log(run, 0), weights_log(run, 1)
     assert len(r0) == 3 * 2 and r0 == r1          # 2 minibatches per process per epoch, identical after every step
     assert len({r["sum"] for r in r0}) == len(r0)  # and the weights did change at every step
@@ -132,7 +141,7 @@ def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, proc
     """A run killed right after its second checkpoint and resumed ends with exactly the weights of the same run left
     alone: one process (full and LoRA, whose resume must reload the adapters; DiffusionNFT, whose noise draws must
     repeat) and two (each rank's RNG and prompt stream)."""
-    start = LAUNCH if processes == 2 else [sys.executable, "-m", "ddpo_course.train"]
+    start = launch() if processes == 2 else [sys.executable, "-m", "ddpo_course.train"]
     args = start + ["tiny", *SMALL, "train.epochs=3", "run.checkpoint_every=1", f"model.lora={str(lora).lower()}", f"train.method={method}",
                     *(["train.batch_size=2", "train.global_batch_size=8"] if processes > 1 else [])]   # 2 minibatches of 2 per rank per step
     subprocess.run(args + [f"run.dir={tmp_path/'a'}"], env=ENV, check=True, timeout=600, capture_output=True)
@@ -254,7 +263,7 @@ def test_groups_held_out_prompts_and_diversity_two_processes(tmp_path):
     run = tmp_path/"run"
     args = ["tiny", f"run.dir={run}", *SMALL, "train.batch_size=2", "train.epochs=2", "run.eval_every=1",
             "sample.images_per_prompt=2", "train.advantages=group", "reward.heldout=imagenet_animals", "reward.heldout_samples=4"]
-    subprocess.run(LAUNCH + args, env=ENV, check=True, timeout=600, capture_output=True)   # a split group would stop the run
+    subprocess.run(launch() + args, env=ENV, check=True, timeout=600, capture_output=True)   # a split group would stop the run
     m = read_metrics(run)
     assert [r["epoch"] for r in m] == [0, 1]
     for r in m:
@@ -283,7 +292,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_any_reward_failure_on_one_process_stops_all_processes_with_the_error(tmp_path):
     script = tmp_path/"run_failing.py"; script.write_text(FAILING_REWARD)
-    cmd = LAUNCH[:-2] + [str(script), "tiny", f"run.dir={tmp_path/'run'}", *SMALL, "train.batch_size=2", "reward.name=oom_test"]
+    cmd = launch(str(script)) + ["tiny", f"run.dir={tmp_path/'run'}", *SMALL, "train.batch_size=2", "reward.name=oom_test"]
     t0 = time.time()
     out = subprocess.run(cmd, env=ENV, timeout=300, capture_output=True, text=True)
     assert out.returncode != 0 and time.time() - t0 < 300
@@ -323,8 +332,11 @@ def test_ratio_is_one_at_the_first_micro_step_of_the_trainers_own_indexing(tmp_p
     DDPOTrainer(small(tmp_path/"run", "train.epochs=1", "sample.num_steps=4", "train.timestep_fraction=0.5",
                       f"train.timesteps_per_call={per_call}")).train()
     accumulate = calls_per_step     # loss calls per minibatch (2 timesteps, one or both per call): the first optimizer step comes after them
-    assert max(seen[:accumulate]) < 1e-6, seen[:accumulate]   # shuffled trajectories and timesteps, same weights: log-ratio 0
-    assert max(seen[accumulate:]) > 1e-6                # after the first step the policy has moved
+    if per_call == "1":             # the UNet sees the batches it saw while sampling: the log-ratio is exactly 0
+        assert max(seen[:accumulate]) == 0, seen[:accumulate]
+    else:                           # two timesteps in one call: other float32 kernels (1e-6 at one thread), same weights
+        assert max(seen[:accumulate]) < 1e-5, seen[:accumulate]
+    assert min(seen[accumulate:]) > 1e-3, seen          # after the first step the policy has moved (by 0.06 to 0.6 here)
 
 def test_reward_curve_panels_and_a_clear_error_for_too_few_axes(tmp_path):
     import matplotlib; matplotlib.use("Agg")
@@ -378,7 +390,7 @@ sys.exit(train_mod.main(sys.argv[1:]))
 def test_a_run_folder_not_shared_by_every_process_stops_all_before_any_work(tmp_path):
     script, run = tmp_path/"run_not_shared.py", tmp_path/"run"
     script.write_text(NOT_SHARED)
-    out = subprocess.run(LAUNCH[:-2] + [str(script), "tiny", f"run.dir={run}", *SMALL, "train.batch_size=2"],
+    out = subprocess.run(launch(str(script)) + ["tiny", f"run.dir={run}", *SMALL, "train.batch_size=2"],
                          env=ENV, timeout=300, capture_output=True, text=True)
     assert out.returncode != 0 and "is not the same folder for every process: process(es) [1] do not see" in out.stderr, out.stderr[-2000:]
     assert not (run/"metrics.jsonl").exists() and not (run/"checkpoints").exists() and not (run/".shared-check").exists()
