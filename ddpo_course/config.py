@@ -33,6 +33,7 @@ class ModelConfig:
     lora_rank: int = 4                 # LoRA rank r
     lora_alpha: float|None = None      # LoRA scale numerator; None means = rank
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    channels_last: bool = False       # UNet weights in channels-last memory format: the same math on other convolution kernels
     allow_tf32: bool = True            # TF32 matmuls on Ampere and newer GPUs
 
 @dataclass
