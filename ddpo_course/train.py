@@ -638,10 +638,11 @@ def log_epoch(self:DDPOTrainer, metrics:dict, all_rewards:torch.Tensor):
 
 DDPOTrainer.log_epoch = log_epoch
 
-def peak_rss_mb() -> float:
-    "This process's peak resident set size since it started, in MiB (`getrusage`: KiB on Linux, bytes on macOS)."
+def peak_rss_mb(acc:Accelerator|None=None) -> float:
+    "Peak resident memory since the process started, in MiB (`getrusage`); with `acc`, the largest of its processes."
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    return acc.gather(torch.tensor([mb], device=acc.device)).max().item() if acc is not None else mb
 
 # %% ../nbs/06_train.ipynb #93504016
 def train(self:DDPOTrainer):
@@ -673,7 +674,6 @@ def train(self:DDPOTrainer):
         evals = self.evaluate(epoch) if epoch % cfg.run.eval_every == 0 or last else {}
         t4 = time.perf_counter()
         hist, edges = np.histogram(all_rewards.numpy(), bins=10)
-        rss = acc.gather(torch.tensor([peak_rss_mb()], device=acc.device)).max().item()   # the largest of any process
         metrics = dict(epoch=epoch, global_step=self.state.global_step, reward_mean=all_rewards.mean().item(),
                        reward_std=all_rewards.std(unbiased=False).item(), reward_min=all_rewards.min().item(),
                        reward_max=all_rewards.max().item(), reward_hist=hist.tolist(), reward_bins=edges.tolist(),
@@ -682,7 +682,7 @@ def train(self:DDPOTrainer):
                        **times,
                        gather_s=t2 - t1, snr_s=t_snr - t2, training_s=t3 - t_snr, eval_s=t4 - t3, checkpoint_s=checkpoint_s,
                        epoch_s=t4 - t0 + checkpoint_s, samples_per_s=cfg.sample.samples_per_epoch / (t4 - t0 + checkpoint_s),
-                       peak_rss_mb=rss)
+                       peak_rss_mb=peak_rss_mb(acc))
         if eval_before is not None and epoch == epochs.start: metrics.update({f"{k}_before": v for k, v in eval_before.items()})
         self.log_epoch(metrics, all_rewards)
         if mb is not None:
@@ -699,7 +699,7 @@ def train(self:DDPOTrainer):
         judged = f"; judged aligned {m[-1]['eval_aligned_before']:.0%} -> {m[-1]['eval_aligned']:.0%}" if "eval_aligned" in m[-1] else ""
         self.log(f"final against before, pair by pair on {len(cfg.run.eval_prompts)} evaluation pairs: {wins}{judged}")
     if self.trackers: acc.end_training()
-    rss = acc.gather(torch.tensor([peak_rss_mb()], device=acc.device)).max().item()
+    rss = peak_rss_mb(acc)
     self.log(f"done in {(time.perf_counter() - t_run) / 60:.1f} min, peak memory (RSS) {rss:.0f} MiB per process: "
              f"final model in {out}, metrics in {self.run_dir/'metrics.jsonl'}")
     return m
