@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_benchmarks.ipynb #2a0355e9
 from __future__ import annotations
-import argparse, contextlib, gc, inspect, json, os, platform, resource, statistics, sys, tempfile, time
+import argparse, contextlib, copy, gc, inspect, json, os, platform, resource, statistics, sys, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,17 +17,18 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from .advantages import batch_normalize
 from .config import ConfigError, load_config
 from .tokenizer import clip_tokenizer
-from .models import quiet_hf, sd_ddim_scheduler, tiny_pipeline
+from .models import load_pipeline, quiet_hf, sd_ddim_scheduler, tiny_pipeline
 from .prompts import common_animals
 from .sampling import decode_latents, sample_trajectories
 from .train import DDPOTrainer, read_metrics
 
 # %% auto #0
-__all__ = ['BENCH_EPOCH', 'PHASES', 'SMALL', 'SD15', 'PEAK_BF16_TFLOPS', 'Timing', 'timeit', 'Comparison', 'compare',
-           'machine_info', 'bench_prompts', 'bench_sampling', 'bench_training', 'epoch_breakdown', 'time_epoch',
-           'epoch_scaling', 'plot_scaling', 'measure_peak_rss', 'peak_rss_epoch', 'bench_epoch', 'compare_epochs',
-           'format_settings', 'run_benchmarks', 'format_table', 'main', 'sd15_pipeline', 'peak_bf16_tflops',
-           'unet_flops', 'gpu_throughput', 'format_gpu_table', 'gpu_main']
+__all__ = ['BENCH_EPOCH', 'PHASES', 'PLAIN_UNET', 'LEVERS', 'KINDS', 'SMALL', 'SD15', 'PEAK_BF16_TFLOPS', 'Timing', 'timeit',
+           'Comparison', 'compare', 'machine_info', 'bench_prompts', 'bench_sampling', 'bench_training',
+           'epoch_breakdown', 'time_epoch', 'epoch_scaling', 'plot_scaling', 'measure_peak_rss', 'peak_rss_epoch',
+           'bench_epoch', 'compare_epochs', 'format_settings', 'native_bf16', 'matmul_peak_tflops', 'unet_flops',
+           'unet_levers', 'format_levers', 'run_benchmarks', 'format_table', 'main', 'sd15_pipeline',
+           'peak_bf16_tflops', 'gpu_throughput', 'format_gpu_table', 'gpu_main']
 
 # %% ../nbs/90_benchmarks.ipynb #8d2178fc
 @dataclass
@@ -286,13 +287,16 @@ def _count_rows(module, optimizer, fn) -> tuple[int, int]:
     finally: h1.remove(); h2.remove()
     return n[0], n[1]
 
+PLAIN_UNET = ["model.channels_last=false", "model.compile=no"]   # the baseline's UNet: default memory format, eager
+
 def bench_epoch(repeats:int=5, warmup:int=1, overrides:list[str]=()) -> Comparison:
     "One epoch of the `cpu` preset's trainer against the pipeline's sampling, the rewards and a bare training loop in sequence."
     with tempfile.TemporaryDirectory() as d:
         tr = _bench_trainer(f"{d}/run", ["train.log_kl_ref=false", *overrides])
-        s, t, pipe = tr.cfg.sample, tr.cfg.train, tr.pipe
+        plain = _bench_trainer(f"{d}/plain", ["train.log_kl_ref=false", *overrides, *PLAIN_UNET])   # the baseline's models
+        s, t, pipe = tr.cfg.sample, tr.cfg.train, plain.pipe
         pipe.set_progress_bar_config(disable=True)
-        unet, opt = tr.acc.unwrap_model(tr.unet), tr.opt.optimizer
+        unet, opt = plain.acc.unwrap_model(plain.unet), plain.opt.optimizer
         epoch, last = [0], {}
         def ours():
             traj, rewards, prompts, *_ = tr.sample_epoch(epoch[0])
@@ -306,7 +310,7 @@ def bench_epoch(repeats:int=5, warmup:int=1, overrides:list[str]=()) -> Comparis
                 images = pipe(batch, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
                               generator=torch.Generator().manual_seed(b), output_type="pt").images
                 images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-                tr.reward_fn(images, batch); [f(images, batch) for f in tr.monitor_fns.values()]
+                plain.reward_fn(images, batch); [f(images, batch) for f in plain.monitor_fns.values()]
             unet.train(); k, every = 0, tr.n_train_steps * tr.minibatches_per_step
             cond, uncond, N = traj.prompt_embeds, traj.uncond_embeds, len(traj)
             for b in range(0, N, t.batch_size):
@@ -316,7 +320,7 @@ def bench_epoch(repeats:int=5, warmup:int=1, overrides:list[str]=()) -> Comparis
                     with tr.acc.autocast(): pred = unet(x, ts, c).sample
                     (pred.float().square().mean() / every).backward(); k += 1
                     if k % every == 0: opt.step(); opt.zero_grad(set_to_none=True)
-        counts = _count_rows(unet, opt, ours), _count_rows(unet, opt, base)
+        counts = _count_rows(tr.acc.unwrap_model(tr.unet), tr.opt.optimizer, ours), _count_rows(unet, opt, base)
         if counts[0] != counts[1]: raise AssertionError(f"(UNet rows, optimizer steps): trainer {counts[0]}, baseline {counts[1]}")
         return compare("epoch", ours, base, repeats, warmup, target=1.00)
 
@@ -336,6 +340,140 @@ def format_settings(res:dict[str, dict]) -> str:
     first = next(iter(res.values()))["epoch_s"]
     lines = [f"{'setting':<34}{'sampling s':>11}{'training s':>11}{'epoch s':>9}{'vs first':>9}"]
     lines += [f"{name:<34}{r['sampling_s']:>11.3f}{r['training_s']:>11.3f}{r['epoch_s']:>9.3f}{r['epoch_s'] / first:>9.3f}" for name, r in res.items()]
+    return "\n".join(lines)
+
+# %% ../nbs/90_benchmarks.ipynb #b6a1e002
+def native_bf16() -> bool:
+    "Whether this CPU has bf16 arithmetic instructions (x86: AVX512_BF16 or AMX_BF16; ARM: BF16)."
+    try:
+        with open("/proc/cpuinfo") as f: flags = next(l for l in f if l.startswith(("flags", "Features"))).split()
+    except (OSError, StopIteration): return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+
+def matmul_peak_tflops(dtype:torch.dtype=torch.float32, # the element type of the product
+                       n:int=2048, # the matrices' size, n x n
+                       repeats:int=5) -> float:
+    "The machine's measured dense matmul rate, 2n³ FLOPs over the fastest of `repeats` products, in TFLOP/s."
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b                                                  # warm-up
+    return 2 * n**3 / min(_clock(lambda: a @ b) for _ in range(repeats)) / 1e12
+
+def unet_flops(unet, train:bool, # forward only, or forward and backward
+               autocast=contextlib.nullcontext(), # the autocast context the call runs in
+               rows:int=2, # UNet input rows (two per guided sample)
+               tokens:int=77) -> int: # text tokens per row
+    "FLOPs of one UNet call on `rows` rows, forward or forward+backward, counted by PyTorch's `FlopCounterMode`."
+    from torch.utils.flop_counter import FlopCounterMode
+    p, cfg = next(unet.parameters()), unet.config
+    x = torch.randn(rows, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=p.device)
+    c = torch.randn(rows, tokens, cfg.cross_attention_dim, device=p.device)
+    t = torch.full((rows,), 500, device=p.device)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train), autocast:
+        out = unet(x, t, c).sample
+        if train: out.float().square().mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+# %% ../nbs/90_benchmarks.ipynb #b6a1e005
+LEVERS = {   # each setting against "plain": fp32, contiguous weights, all threads, SDPA attention, one eager call
+    "plain": {}, "bf16 autocast": dict(autocast=True), "channels-last": dict(channels_last=True),
+    "1 thread": dict(threads=1), "plain attention": dict(attention="plain"),
+    "1 timestep per call": dict(split=True), "compile": dict(compile="default")}
+KINDS = ("sampling", "training", "pretraining")
+
+def _lever_unet(unet, lever:dict):
+    "A copy of `unet` with the lever's weight format, attention processor and compilation."
+    from diffusers.models.attention_processor import AttnProcessor
+    u = copy.deepcopy(unet)
+    if lever.get("channels_last"): u.to(memory_format=torch.channels_last)
+    if lever.get("attention") == "plain": u.set_attn_processor(AttnProcessor())
+    if lever.get("compile"): u.compile(mode=lever["compile"], dynamic=False)   # static shapes: one graph per call size
+    return u
+
+def _unet_call(unet, rows:int, train:bool, lever:dict, tokens:int, calls:int=1):
+    "A function of no arguments: `calls` UNet calls on `rows` rows in all, forward (and backward), as the lever sets."
+    cfg, g = unet.config, torch.Generator().manual_seed(0)    # the same inputs for every lever
+    x = torch.randn(rows, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    c = torch.randn(rows, tokens, cfg.cross_attention_dim, generator=g)
+    t = torch.randint(0, 1000, (rows,), generator=g)
+    def call() -> torch.Tensor:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(lever.get("threads") or threads)
+        try:
+            bf16 = torch.autocast("cpu", torch.bfloat16, enabled=bool(lever.get("autocast")))
+            with torch.set_grad_enabled(train), bf16:
+                outs = []
+                for xs, ts, cs in zip(x.chunk(calls), t.chunk(calls), c.chunk(calls)):
+                    outs.append(unet(xs, ts, cs).sample)
+                    if train: outs[-1].float().square().mean().backward()
+            unet.zero_grad(set_to_none=True)
+            return torch.cat(outs).detach().float()
+        finally: torch.set_num_threads(threads)
+    return call
+
+def unet_levers(model:str="toy", # the pipeline whose UNet is timed: "toy", "tiny" or a diffusers folder
+                sample_rows:int=64, # one sampling call: the cpu preset's 32 prompts and their empty prompts
+                train_rows:int=320, # one training call: the cpu preset's 32 trajectories x 2 x 5 fused timesteps
+                timesteps:int=5, # timesteps fused in the training call; the lever "1 timestep per call" splits it
+                pretrain_rows:int=64, # one pretraining step (lesson 00b: 64 images, no guidance)
+                levers:dict|None=None, # name: settings, as in `LEVERS` (None: all of them); must include "plain"
+                repeats:int=5, warmup:int=1, progress=print) -> dict:
+    "Seconds of one UNet call per setting and kind, the settings alternated in one process, with FLOPs and utilisation."
+    levers = dict(LEVERS if levers is None else levers)
+    if "plain" not in levers: raise ValueError(f"levers {list(levers)}: include 'plain', the baseline of the others")
+    levers = {"plain": levers.pop("plain"), **levers}
+    if timesteps < 1 or train_rows % timesteps:
+        raise ValueError(f"timesteps={timesteps}: must be a positive divisor of train_rows={train_rows}")
+    pipe = load_pipeline(model)
+    base, tokens = pipe.unet.float().requires_grad_(True), pipe.tokenizer.model_max_length
+    kinds = dict(sampling=(sample_rows, False), training=(train_rows, True), pretraining=(pretrain_rows, True))
+    flops = {k: unet_flops(base, train, rows=rows, tokens=tokens) for k, (rows, train) in kinds.items()}
+    progress("measuring the machine's peak...")
+    native = native_bf16()   # without bf16 instructions a bf16 product runs tens of times slower: a smaller one says so
+    peaks = dict(float32=matmul_peak_tflops(torch.float32), bfloat16=matmul_peak_tflops(torch.bfloat16, n=2048 if native else 512))
+    calls, first, diff, ref = {}, {}, {}, {}
+    for name, lv in levers.items():
+        unet = _lever_unet(base, lv)
+        for kind, (rows, train) in kinds.items():
+            if lv.get("split") and kind != "training": continue         # only the training call fuses timesteps
+            calls[name, kind] = _unet_call(unet, rows, train, lv, tokens, timesteps if lv.get("split") else 1)
+            progress(f"{name}, {kind}: first call...")
+            t0 = time.perf_counter(); out = calls[name, kind](); first[name, kind] = time.perf_counter() - t0
+            for _ in range(warmup - 1): calls[name, kind]()
+            if name == "plain": ref[kind] = out                                # plain comes first: the reference output
+            diff[name, kind] = (out - ref[kind]).abs().max().item()
+    times = {key: [] for key in calls}
+    for r in range(repeats):
+        progress(f"repeat {r + 1} of {repeats}")
+        for key in (list(calls) if r % 2 == 0 else list(calls)[::-1]): times[key].append(_clock(calls[key]))
+    res = {name: {} for name in levers}
+    for (name, kind), ts in times.items():
+        s = statistics.median(ts)
+        res[name][kind] = dict(s=s, min_s=min(ts), max_s=max(ts), first_s=first[name, kind], max_diff=diff[name, kind],
+                               tflops=flops[kind] / s / 1e12, utilisation=flops[kind] / s / 1e12 / peaks["float32"])
+    for name in res:
+        for kind, v in res[name].items(): v["vs_plain"] = v["s"] / res["plain"][kind]["s"]
+    return dict(machine=machine_info(), model=model, repeats=repeats, native_bf16=native, peak_tflops=peaks,
+                rows={k: v[0] for k, v in kinds.items()}, timesteps=timesteps, flops=flops, levers=res)
+
+def format_levers(r:dict) -> str:
+    "The figures of `unet_levers` as one text table: per setting and call, ms, ratio to plain and utilisation."
+    m, p = r["machine"], r["peak_tflops"]
+    lines = [f"UNet calls of {r['model']}: {m['cpu']}, {m['cpus']} cpus, {m['torch_threads']} torch threads, "
+             f"torch {m['torch']}; "
+             f"median of {r['repeats']} alternated repeats",
+             f"peak: fp32 matmul {p['float32'] * 1e3:.0f} GFLOP/s, bf16 matmul {p['bfloat16'] * 1e3:.0f} GFLOP/s "
+             f"({'native' if r['native_bf16'] else 'no native bf16 instructions'}); "
+             "utilisation is against the fp32 peak",
+             f"{'setting':<22}" + "".join(f"{h:>33}" for h in [f"{k} ({r['rows'][k]} rows)" for k in KINDS]),
+             f"{'':<22}" + f"{'ms':>11}{'vs plain':>10}{'util':>7}{'':>5}" * len(KINDS)]
+    for name, kinds in r["levers"].items():
+        cells = [f"{v['s'] * 1e3:>11.1f}{v['vs_plain']:>10.3f}{v['utilisation']:>7.1%}{'':>5}" if (v := kinds.get(k))
+                 else f"{'-':>11}{'':>22}" for k in KINDS]
+        lines.append(f"{name:<22}" + "".join(cells))
+    slow = [f"{name} {k} {v['first_s']:.1f} s" for name, ks in r["levers"].items() for k, v in ks.items()
+            if v["first_s"] > 5 * v["s"] + 1]
+    if slow: lines.append("first calls (compilation): " + ", ".join(slow))
     return "\n".join(lines)
 
 # %% ../nbs/90_benchmarks.ipynb #acf1de4e
@@ -413,6 +551,9 @@ def main(argv:list[str]|None=None) -> int:
     p.add_argument("--samples", type=int, help="training benchmark: trajectories (default 16)")
     p.add_argument("--train-batch-size", type=int, help="training benchmark: trajectories per minibatch (default 8)")
     p.add_argument("--no-lora", action="store_true", help="skip the LoRA training benchmark")
+    p.add_argument("--levers", action="store_true", help="instead, time the UNet call under each CPU setting (bf16, "
+                   "channels-last, threads, attention, fused timesteps, compile) with the machine's FLOP utilisation; "
+                   "with --small: the tiny model, compile left out")
     p.add_argument("--out", default="bench.json", help="JSON file of the figures (default bench.json)")
     p.add_argument("--plot", default=None, help="PNG of the epoch scaling plot (default: none)")
     a = p.parse_args(argv)
@@ -424,6 +565,14 @@ def main(argv:list[str]|None=None) -> int:
     if samples % tb: p.error(f"--samples {samples} is not divisible by --train-batch-size {tb}")
     if a.threads: torch.set_num_threads(a.threads)
     quiet_hf()
+    if a.levers:
+        small = dict(model="tiny", sample_rows=8, train_rows=8, timesteps=2, pretrain_rows=4,
+                     levers={k: v for k, v in LEVERS.items() if k != "compile"})
+        res = unet_levers(repeats=a.repeats, warmup=a.warmup, progress=lambda m: print(m, file=sys.stderr, flush=True),
+                          **(small if a.small else {}))
+        print(format_levers(res)); Path(a.out).write_text(json.dumps(res, indent=1))
+        print(f"figures written to {a.out}")
+        return 0
     pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}
     res = run_benchmarks(small=a.small, repeats=a.repeats, warmup=a.warmup, lora=not a.no_lora,
                          sampling=pick(batch_size=a.batch_size, num_steps=a.steps, guidance_scale=a.guidance, eta=a.eta),
@@ -470,18 +619,6 @@ def peak_bf16_tflops(device_name:str|None) -> float|None:
     "The dense bf16 peak of a known GPU, in TFLOP/s (None if unknown)."
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if device_name and k in device_name), None)
 
-def unet_flops(unet, train:bool, autocast) -> int:
-    "FLOPs of one guided UNet call on one sample (two rows), forward or forward+backward."
-    from torch.utils.flop_counter import FlopCounterMode
-    p, cfg = next(unet.parameters()), unet.config
-    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=p.device)
-    c = torch.randn(2, 77, cfg.cross_attention_dim, device=p.device)
-    t = torch.full((2,), 500, device=p.device)
-    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train), autocast:
-        out = unet(x, t, c).sample
-        if train: out.float().square().mean().backward()
-    unet.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 # %% ../nbs/90_benchmarks.ipynb #45400c50
 def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "tiny" (a smoke test on any machine)

@@ -16,9 +16,9 @@ from .prompts import PROMPT_SETS, PICKAPIC_EXTRA
 from .rewards import REWARDS
 
 # %% auto #0
-__all__ = ['TRACKERS', 'RESUMABLE', 'ModelConfig', 'SampleConfig', 'RewardConfig', 'TrainConfig', 'RunConfig', 'Config',
-           'ConfigError', 'config_from_dict', 'set_field', 'apply_overrides', 'config_to_dict', 'preset_names',
-           'load_config', 'preset_description', 'config_changes', 'trained_steps', 'timesteps_per_call',
+__all__ = ['TRACKERS', 'COMPILE_MODES', 'RESUMABLE', 'ModelConfig', 'SampleConfig', 'RewardConfig', 'TrainConfig', 'RunConfig',
+           'Config', 'ConfigError', 'config_from_dict', 'set_field', 'apply_overrides', 'config_to_dict',
+           'preset_names', 'load_config', 'preset_description', 'config_changes', 'trained_steps', 'timesteps_per_call',
            'minibatches_per_step', 'validate']
 
 # %% ../nbs/06_config.ipynb #69d11914
@@ -34,6 +34,7 @@ class ModelConfig:
     lora_alpha: float|None = None      # LoRA scale numerator; None means = rank
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     channels_last: bool = False       # UNet weights in channels-last memory format: the same math on other convolution kernels
+    compile: str = "no"                # "no", or a torch.compile mode for the UNet ("default", "max-autotune", ...)
     allow_tf32: bool = True            # TF32 matmuls on Ampere and newer GPUs
 
 @dataclass
@@ -211,8 +212,10 @@ def preset_description(name:str) -> str:
 # %% ../nbs/06_config.ipynb #f3e69e99
 TRACKERS = ("tensorboard", "wandb", "auto")
 
-RESUMABLE = {"train.epochs", "train.log_kl_ref", "reward.monitor", "reward.heldout", "reward.heldout_samples", "reward.overlap"} | {
-    f"run.{f.name}" for f in dataclasses.fields(RunConfig) if f.name != "seed"}   # what a resume may change: length, logging
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+RESUMABLE = {"train.epochs", "model.compile", "train.log_kl_ref", "reward.monitor", "reward.heldout", "reward.heldout_samples", "reward.overlap"} | {
+    f"run.{f.name}" for f in dataclasses.fields(RunConfig) if f.name != "seed"}   # what a resume may change: length, logging, kernels
 
 def config_changes(saved:dict, new:dict) -> list[str]:
     "'section.field: old -> new' for each field outside `RESUMABLE` that differs between two config dicts."
@@ -308,6 +311,8 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     if t.advantages == "per_prompt" and not 1 <= t.stat_min_count <= t.stat_buffer_size:
         _err("train.stat_min_count", t.stat_min_count, f"must be between 1 and train.stat_buffer_size ({t.stat_buffer_size})")
     if m.mixed_precision not in ("no", "bf16", "fp16"): _err("model.mixed_precision", m.mixed_precision, "use 'no', 'bf16' or 'fp16'")
+    if m.compile not in COMPILE_MODES:
+        _err("model.compile", m.compile, f"use 'no' (eager) or a torch.compile mode: {', '.join(COMPILE_MODES[1:])}")
     if m.lora and m.lora_rank < 1: _err("model.lora_rank", m.lora_rank, "must be a positive integer")
     if r.name not in REWARDS: _err("reward.name", r.name, f"unknown reward; choose one of {', '.join(REWARDS)}")
     bad = [n for n in r.monitor if n not in REWARDS]

@@ -174,6 +174,9 @@ def setup(self:DDPOTrainer):
     if cfg.model.channels_last:       # the same math on other convolution kernels
         unet.to(memory_format=torch.channels_last)
         if getattr(self, "ref_unet", None) is not None: self.ref_unet.to(memory_format=torch.channels_last)
+    if cfg.model.compile != "no":     # compiled in place: the same module, state-dict keys and parameters
+        unet.compile(mode=cfg.model.compile)
+        if getattr(self, "ref_unet", None) is not None: self.ref_unet.compile(mode=cfg.model.compile)
     self.pipe, self.params = pipe, [p for p in unet.parameters() if p.requires_grad]
     t = cfg.train
     opt = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)

@@ -56,3 +56,14 @@ def test_ddpo_bench_gpu_bad_args(tmp_path, monkeypatch, capsys, args, message):
     assert exit_code(gpu_main, list(args), tmp_path, monkeypatch) == 2
     err = capsys.readouterr().err
     assert message in err, err[-2000:]
+
+def test_ddpo_bench_levers_small(tmp_path, monkeypatch, capsys):
+    "ddpo-bench --levers --small: the UNet call under CPU settings, each row with its ratio to plain and its utilisation."
+    import ddpo_course.bench as bench
+    monkeypatch.setattr(bench, "LEVERS", {k: bench.LEVERS[k] for k in ("plain", "1 timestep per call")})   # two, for time
+    assert exit_code(bench.main, ["--levers", "--small", "--out", "l.json"], tmp_path, monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "utilisation is against the fp32 peak" in out and "1 timestep per call" in out
+    res = json.loads((tmp_path/"l.json").read_text())
+    assert list(res["levers"]) == ["plain", "1 timestep per call"] and res["peak_tflops"]["float32"] > 0
+    assert all(0 < v["utilisation"] < 1 for kinds in res["levers"].values() for v in kinds.values())
