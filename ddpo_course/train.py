@@ -171,12 +171,9 @@ def setup(self:DDPOTrainer):
             self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(acc.device, self.weight_dtype).eval()
         unet.requires_grad_(True).to(acc.device, torch.float32)
     if cfg.model.gradient_checkpointing: unet.enable_gradient_checkpointing()
-    if cfg.model.channels_last:       # the same math on other convolution kernels
-        unet.to(memory_format=torch.channels_last)
-        if getattr(self, "ref_unet", None) is not None: self.ref_unet.to(memory_format=torch.channels_last)
-    if cfg.model.compile != "no":     # compiled in place: the same module, state-dict keys and parameters
-        unet.compile(mode=cfg.model.compile)
-        if getattr(self, "ref_unet", None) is not None: self.ref_unet.compile(mode=cfg.model.compile)
+    for u in [m for m in (unet, getattr(self, "ref_unet", None)) if m is not None]:   # the trained UNet, kl_ref's copy
+        if cfg.model.channels_last: u.to(memory_format=torch.channels_last)   # the same math on other convolution kernels
+        if cfg.model.compile != "no": u.compile(mode=cfg.model.compile)       # in place: same module, keys, parameters
     self.pipe, self.params = pipe, [p for p in unet.parameters() if p.requires_grad]
     t = cfg.train
     opt = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)

@@ -4,18 +4,13 @@ import torch
 
 from ddpo_course.models import load_pipeline, same_weights
 from ddpo_course.train import DDPOTrainer
-from test_train import small   # the suite's small run: 8 trajectories of 4 steps per epoch
+from test_train import record_log_ratios, small   # the suite's small run (8 trajectories of 4 steps) and log-ratio recorder
 
 def test_compiled_unet_is_the_eager_run_up_to_rounding_and_resumes(tmp_path, monkeypatch):
     """model.compile: the UNet compiled in place (checkpoints and the final folder keep diffusers' keys), the first
     steps' log-ratio within 1e-5 of 0 (generated kernels round differently with and without gradients), the run the
     eager one's up to rounding, and a resumed compiled run continues it."""
-    import ddpo_course.train as train_mod
-    seen, original = [], train_mod.ddpo_loss
-    def recording(log_prob, old_log_prob, *args, **kwargs):
-        seen.append((log_prob - old_log_prob).detach().abs().max().item())
-        return original(log_prob, old_log_prob, *args, **kwargs)
-    monkeypatch.setattr(train_mod, "ddpo_loss", recording)
+    seen = record_log_ratios(monkeypatch)
     args = ("sample.num_steps=4", "train.timestep_fraction=0.5", "train.timesteps_per_call=1", "run.checkpoint_every=1",
             "train.log_kl_ref=false")                      # no reference copy to compile: the test takes minutes as it is
     eager = DDPOTrainer(small(tmp_path/"eager", "train.epochs=2", *args)).train()

@@ -43,6 +43,16 @@ def unet_output(unet):
     x, e = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
     with torch.no_grad(): return unet(x, torch.tensor([500, 20]), e).sample
 
+def record_log_ratios(monkeypatch) -> list[float]:
+    "A list the trainer's loss fills, call by call, with the largest |log π_θ − log π_old| of the rows it is given."
+    import ddpo_course.train as train_mod
+    seen, original = [], train_mod.ddpo_loss
+    def recording(log_prob, old_log_prob, *args, **kwargs):
+        seen.append((log_prob - old_log_prob).detach().abs().max().item())
+        return original(log_prob, old_log_prob, *args, **kwargs)
+    monkeypatch.setattr(train_mod, "ddpo_loss", recording)
+    return seen
+
 def test_full_finetune_one_process(tmp_path):
     trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "train.log_kl_ref=false"))
     metrics = trainer.train()
@@ -323,12 +333,7 @@ def test_accumulation_inner_epochs_reinforce_and_batch_baseline_together(tmp_pat
 
 @pytest.mark.parametrize("per_call,calls_per_step", [("1", 2), ("all", 1)])
 def test_ratio_is_one_at_the_first_micro_step_of_the_trainers_own_indexing(tmp_path, monkeypatch, per_call, calls_per_step):
-    import ddpo_course.train as train_mod
-    seen, original = [], train_mod.ddpo_loss
-    def recording(log_prob, old_log_prob, *args, **kwargs):
-        seen.append((log_prob - old_log_prob).detach().abs().max().item())
-        return original(log_prob, old_log_prob, *args, **kwargs)
-    monkeypatch.setattr(train_mod, "ddpo_loss", recording)
+    seen = record_log_ratios(monkeypatch)
     DDPOTrainer(small(tmp_path/"run", "train.epochs=1", "sample.num_steps=4", "train.timestep_fraction=0.5",
                       f"train.timesteps_per_call={per_call}")).train()
     accumulate = calls_per_step     # loss calls per minibatch (2 timesteps, one or both per call): the first optimizer step comes after them
@@ -498,12 +503,7 @@ def test_nft_logs_its_gradient_signal_to_noise_and_its_shift(tmp_path):
 
 def test_channels_last_is_the_same_run_on_other_kernels(tmp_path, monkeypatch):
     "model.channels_last: the UNet's weights in channels-last format, the replay still exact, the run the plain one's up to rounding."
-    import ddpo_course.train as train_mod
-    seen, original = [], train_mod.ddpo_loss
-    def recording(log_prob, old_log_prob, *args, **kwargs):
-        seen.append((log_prob - old_log_prob).detach().abs().max().item())
-        return original(log_prob, old_log_prob, *args, **kwargs)
-    monkeypatch.setattr(train_mod, "ddpo_loss", recording)
+    seen = record_log_ratios(monkeypatch)
     runs = {}
     for cl in ("false", "true"):
         seen.clear()

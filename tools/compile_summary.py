@@ -2,7 +2,7 @@
 
     python tools/compile_summary.py OUT [--machine-state "quiet"]
 
-For each run (eager, cold, warm): its wall time, the sum and the median of its steady epochs (epochs 2 and on that
+For each run (eager, cold, warm): its wall time, its first epoch, the median of its steady epochs (epochs 2 and on that
 neither evaluate nor measure the gradient's signal-to-noise), their sampling and training phases, and the final
 pair-by-pair evaluation, so the lesson can show that compiling changed the speed and not the result."""
 import argparse, json, statistics, sys
