@@ -103,6 +103,11 @@ def _cosine(a:Tensor, b:Tensor) -> float:
     "Cosine between two flat vectors, summed in float64 (a million terms)."
     a, b = a.double(), b.double(); return (a @ b / (a.norm() * b.norm()).clamp_min(1e-300)).item()
 
+def _layer_cosine(a:Tensor, b:Tensor, sizes:list[int]) -> float:
+    "Mean over the weight tensors (`sizes`: their numbers of elements, in order) of each tensor's cosine; unused tensors skipped."
+    cos = [_cosine(x, y) for x, y in zip(a.split(sizes), b.split(sizes)) if x.norm() > 0 and y.norm() > 0]
+    return sum(cos) / max(len(cos), 1)
+
 @dataclass
 class GradientSNR:
     "Agreement of two independent estimates of the policy gradient (two halves of a batch), per denoising step and summed."
@@ -112,6 +117,7 @@ class GradientSNR:
     norm: float          # norm of the whole batch's gradient summed over those steps
     cos_all: float       # the same summed over every step
     norm_all: float
+    cos_layers: float    # `cos` taken tensor by tensor and averaged: every weight tensor counts once, however large its gradient
 
 def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
                  scheduler, # the DDIM scheduler the trajectories were sampled with
@@ -147,7 +153,8 @@ def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
         alls = [alls[0] + gA, alls[1] + gB]
         del gA, gB
     mean_norm = lambda s: ((s[0] + s[1]) / 2).norm().item()
-    return GradientSNR(cos_t, norm_t, _cosine(*sums), mean_norm(sums), _cosine(*alls), mean_norm(alls))
+    sizes = [p.numel() for p in params]
+    return GradientSNR(cos_t, norm_t, _cosine(*sums), mean_norm(sums), _cosine(*alls), mean_norm(alls), _layer_cosine(*sums, sizes))
 
 # %% ../nbs/04_loss.ipynb #f4a0c002
 def forward_draws(scheduler, # a diffusers scheduler (its `add_noise` and `num_train_timesteps` are used)
@@ -199,8 +206,8 @@ def nft_gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
                      all_reduce=None, # sums a tensor over processes
                      params:list|None=None, # parameters whose gradient is measured; None: those of `unet` that require grad
                      t_min:int=0, # the smallest noise level drawn (`forward_draws`)
-                    ) -> tuple[float, float]:
-    "Cosine between the DiffusionNFT gradients of the two halves of `traj` at the sampling weights, and the whole batch's gradient norm."
+                    ) -> GradientSNR:
+    "Agreement of the DiffusionNFT gradients of the two halves of `traj` at the sampling weights (no per-step parts: `cos_t` is empty)."
     params = params or [p for p in unet.parameters() if p.requires_grad]
     N = len(traj)
     if N < 2: raise ValueError(f"nft_gradient_snr needs at least 2 trajectories to split in two halves, got {N}")
@@ -215,4 +222,5 @@ def nft_gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
             g += _flat_grad(loss * (i.stop - i.start) / len(rows), params)
         return all_reduce(g) if all_reduce else g
     gA, gB = half_gradient(halves[0]), half_gradient(halves[1])
-    return _cosine(gA, gB), ((gA + gB) / 2).norm().item()
+    cos, norm = _cosine(gA, gB), ((gA + gB) / 2).norm().item()
+    return GradientSNR([], [], cos, norm, cos, norm, _layer_cosine(gA, gB, [p.numel() for p in params]))

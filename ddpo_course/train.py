@@ -434,17 +434,18 @@ def measure_snr(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
     if cfg.train.shuffle_advantages: adv = shuffle_within(adv, len(adv) // 2, generator(cfg.run.seed, 6, epoch, acc.process_index))
     if cfg.train.method == "nft":   # the forward-process gradient of lesson 04: one cosine, no per-step breakdown
         with acc.autocast():
-            cos, norm = nft_gradient_snr(acc.unwrap_model(self.unet), self.pipe.scheduler, traj, adv, self.n_train_steps,
-                                         cfg.train.adv_clip_max, cfg.train.batch_size, generator(cfg.run.seed, 8, epoch, acc.process_index),
-                                         partial(acc.reduce, reduction="sum") if acc.num_processes > 1 else None, self.params,
-                                         cfg.train.nft_t_min)
-        return dict(grad_cos=cos, grad_norm_trained=norm)
+            snr = nft_gradient_snr(acc.unwrap_model(self.unet), self.pipe.scheduler, traj, adv, self.n_train_steps,
+                                   cfg.train.adv_clip_max, cfg.train.batch_size, generator(cfg.run.seed, 8, epoch, acc.process_index),
+                                   partial(acc.reduce, reduction="sum") if acc.num_processes > 1 else None, self.params,
+                                   cfg.train.nft_t_min)
+        return dict(grad_cos=snr.cos, grad_cos_layers=snr.cos_layers, grad_norm_trained=snr.norm)
     steps = list(range(self.n_train_steps)) if cfg.train.timesteps == "first" else None
     with acc.autocast():
         snr = gradient_snr(acc.unwrap_model(self.unet), self.pipe.scheduler, traj, adv, s.guidance_scale, s.eta, steps=steps,
                            batch_size=cfg.train.batch_size, params=self.params,
                            all_reduce=partial(acc.reduce, reduction="sum") if acc.num_processes > 1 else None)
-    return dict(grad_cos=snr.cos, grad_norm_trained=snr.norm, grad_cos_all=snr.cos_all, grad_cos_t=snr.cos_t, grad_norm_t=snr.norm_t)
+    return dict(grad_cos=snr.cos, grad_cos_layers=snr.cos_layers, grad_norm_trained=snr.norm, grad_cos_all=snr.cos_all,
+                grad_cos_t=snr.cos_t, grad_norm_t=snr.norm_t)
 
 DDPOTrainer.train_epoch, DDPOTrainer.reference_mean, DDPOTrainer._bad_gradient = train_epoch, reference_mean, _bad_gradient
 DDPOTrainer._backward, DDPOTrainer.nft_epoch = _backward, nft_epoch

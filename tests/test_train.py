@@ -120,7 +120,8 @@ def test_two_processes_save_resume_identical_ranks(tmp_path, lora, method):
     assert len(r0) == 3 * 2 and r0 == r1          # 2 minibatches per process per epoch, identical after every step
     assert len({r["sum"] for r in r0}) == len(r0)  # and the weights did change at every step
     assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2]
-    if method == "nft": assert all(-1 <= m["grad_cos"] <= 1 and "nft_shift" in m for m in read_metrics(run))   # all-reduced over ranks
+    if method == "nft": assert all(-1 <= m["grad_cos"] <= 1 and -1 <= m["grad_cos_layers"] <= 1 and "nft_shift" in m
+                                   for m in read_metrics(run))   # all-reduced over ranks
     d0, d1 = draws_log(run, 0), draws_log(run, 1)   # but each process sampled its own prompts and noise, every epoch
     assert [d["epoch"] for d in d0] == [d["epoch"] for d in d1] == [0, 1, 2]
     assert all(a["noise_sum"] != b["noise_sum"] and a["noise_sq"] != b["noise_sq"] for a, b in zip(d0, d1)), (d0, d1)
@@ -433,6 +434,7 @@ def test_gradient_snr_is_logged_per_step_when_asked(tmp_path):
     m = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "run.snr_every=2", "train.timesteps=first",
                           "train.timestep_fraction=0.5")).train()
     assert len(m[0]["grad_cos_t"]) == 4 and all(-1 <= c <= 1 for c in m[0]["grad_cos_t"]) and -1 <= m[0]["grad_cos"] <= 1
+    assert -1 <= m[0]["grad_cos_layers"] <= 1 and m[0]["grad_cos_layers"] != m[0]["grad_cos"]   # a different mean of the same gradients
     assert all(n > 0 for n in m[0]["grad_norm_t"]) and "grad_cos_t" not in m[1]      # epoch 1 is not a multiple of 2
 
 def test_evaluation_is_judged_pair_by_pair_against_before_training(tmp_path, capsys):
@@ -498,7 +500,8 @@ def test_nft_draws_only_noise_levels_from_nft_t_min(tmp_path):
 
 def test_nft_logs_its_gradient_signal_to_noise_and_its_shift(tmp_path):
     m = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "train.method=nft", "run.snr_every=1")).train()
-    assert all(-1 <= r["grad_cos"] <= 1 and r["grad_norm_trained"] > 0 for r in m) and "grad_cos_t" not in m[0]
+    assert all(-1 <= r["grad_cos"] <= 1 and -1 <= r["grad_cos_layers"] <= 1 and r["grad_norm_trained"] > 0 for r in m)
+    assert "grad_cos_t" not in m[0]
     assert "clipfrac" not in m[0] and m[0]["nft_shift"] > 0 and m[1]["global_step"] == 4
 
 def test_channels_last_is_the_same_run_on_other_kernels(tmp_path, monkeypatch):
