@@ -130,8 +130,11 @@ def pretrain_more(model:str="toy-early", # the pipeline to continue from
     pipe = load_pipeline(model)
     ims, caps, _, _ = world_tensors(n_images, seed)
     means, stds = encode_world(pipe.vae, ims)
-    t0 = time.perf_counter(); train_denoiser(pipe, means, stds, caps, 20, batch_size=batch_size, lr=lr, seed=seed, warmup=20)
-    steps = max(4, int(seconds / ((time.perf_counter() - t0) / 20)))   # the budget in steps, at the pace just measured
+    run = lambda n: train_denoiser(pipe, means, stds, caps, n, batch_size=batch_size, lr=lr, seed=seed, warmup=n)
+    run(10)                                                               # the first calls run slow: untimed
+    t0 = time.perf_counter(); run(10); t1 = time.perf_counter(); run(110); t2 = time.perf_counter()
+    pace = ((t2 - t1) - (t1 - t0)) / 100          # seconds per step; each call's fixed cost (tokenizing the captions) cancels
+    steps = max(4, int(seconds / pace))
     pipe, curve, rating = load_pipeline(model), [], [0.0]                 # start again from the checkpoint
     def on_checkpoint(step):
         t = time.perf_counter()
