@@ -131,13 +131,14 @@ def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
                 ) -> GradientSNR:
     "Cosine between the REINFORCE gradients of the two halves of `traj`, per denoising step and over `steps`."
     params = params or [p for p in unet.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
     N, T = traj.log_probs.shape
     if N < 2: raise ValueError(f"gradient_snr needs at least 2 trajectories to split in two halves, got {N}")
     scheduler.set_timesteps(T, device=traj.latents.device)
     steps = list(range(T)) if steps is None else list(steps)
     adv, halves = advantages.to(traj.latents.device).float(), (range(0, N // 2), range(N // 2, N))
     def half_gradient(j, rows):                       # ĝ_h,j = (1/n_h) Σ_i A_i ∇ log p_θ(x^i_{j+1} | x^i_j, c^i)
-        g = torch.zeros(sum(p.numel() for p in params), device=traj.latents.device)
+        g = torch.zeros(sum(sizes), device=traj.latents.device)
         for b in range(rows.start, rows.stop, batch_size):
             i = slice(b, min(b + batch_size, rows.stop))
             step = policy_step(unet, scheduler, traj.latents[i, j], traj.latents[i, j + 1], traj.timesteps[i, j],
@@ -153,7 +154,6 @@ def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
         alls = [alls[0] + gA, alls[1] + gB]
         del gA, gB
     mean_norm = lambda s: ((s[0] + s[1]) / 2).norm().item()
-    sizes = [p.numel() for p in params]
     return GradientSNR(cos_t, norm_t, _cosine(*sums), mean_norm(sums), _cosine(*alls), mean_norm(alls), _layer_cosine(*sums, sizes))
 
 # %% ../nbs/04_loss.ipynb #f4a0c002
@@ -209,12 +209,12 @@ def nft_gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
                     ) -> GradientSNR:
     "Agreement of the DiffusionNFT gradients of the two halves of `traj` at the sampling weights (no per-step parts: `cos_t` is empty)."
     params = params or [p for p in unet.parameters() if p.requires_grad]
-    N = len(traj)
+    sizes, N = [p.numel() for p in params], len(traj)
     if N < 2: raise ValueError(f"nft_gradient_snr needs at least 2 trajectories to split in two halves, got {N}")
     t, noise, x_t = forward_draws(scheduler, traj.final_latents, n, generator, t_min)
     adv, halves = advantages.to(x_t.device).float(), (range(0, N // 2), range(N // 2, N))
     def half_gradient(rows):                          # at θ = θ_old: (1/n_h) Σ_i 2 clip(A_i) (ε_θ - ε) ∇ε_θ, averaged over draws
-        g = torch.zeros(sum(p.numel() for p in params), device=x_t.device)
+        g = torch.zeros(sum(sizes), device=x_t.device)
         for b in range(rows.start, rows.stop, batch_size):
             i = slice(b, min(b + batch_size, rows.stop))
             eps = unet(x_t[i].flatten(0, 1), t[i].flatten(), encoder_hidden_states=traj.prompt_embeds[i].repeat_interleave(n, 0)).sample
@@ -223,4 +223,4 @@ def nft_gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
         return all_reduce(g) if all_reduce else g
     gA, gB = half_gradient(halves[0]), half_gradient(halves[1])
     cos, norm = _cosine(gA, gB), ((gA + gB) / 2).norm().item()
-    return GradientSNR([], [], cos, norm, cos, norm, _layer_cosine(gA, gB, [p.numel() for p in params]))
+    return GradientSNR([], [], cos, norm, cos, norm, _layer_cosine(gA, gB, sizes))

@@ -9,8 +9,8 @@ from pathlib import Path
 from ddpo_course.pretrain import pretrain_toy, rate_checkpoints
 
 out = Path(sys.argv[1]); torch.set_num_threads(2)
-pipe, log = pretrain_toy(out/"pipeline", checkpoint_dir=out/"checkpoints")
-curve = rate_checkpoints(out/"pipeline", out/"checkpoints")
+pretrain_toy(out/"pipeline", checkpoint_dir=out/"checkpoints")
+curve = rate_checkpoints(out/"pipeline", out/"checkpoints")   # also adds the curve to the run's pretrain_log.json
 log = {k: v for k, v in json.loads((out/"pipeline"/"pretrain_log.json").read_text()).items() if not k.endswith("losses")}
 (out/"pretrain-rerun.json").write_text(json.dumps(log, indent=1))
 for c in curve: print(f"step {c['step']:5d} at {c['elapsed_s'] / 60:5.1f} min: " +
