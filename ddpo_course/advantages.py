@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['batch_normalize', 'PerPromptStatTracker', 'group_normalize']
+__all__ = ['batch_normalize', 'PerPromptStatTracker', 'group_normalize', 'leave_one_out']
 
 # %% ../nbs/03_advantages.ipynb #27a36b1a
 def batch_normalize(rewards:Tensor, # rewards [B]
@@ -71,3 +71,15 @@ def group_normalize(rewards:Tensor, # rewards [B], the k samples of each group n
         raise ValueError(f"group_size={group_size} must be a positive divisor of the number of rewards ({len(rewards)})")
     g = rewards.reshape(-1, group_size)
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + eps)).reshape(-1)
+
+# %% ../nbs/03_advantages.ipynb #3a1e0002
+def leave_one_out(rewards:Tensor, # rewards [B], the k samples of each group next to each other
+                  group_size:int, # k >= 2, samples per group; must divide B
+                 ) -> Tensor:
+    "Each reward minus the mean of the other rewards of its group: the unbiased group baseline, not divided by a spread."
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if group_size < 2 or len(rewards) % group_size:
+        raise ValueError(f"group_size={group_size} must be a divisor of the number of rewards ({len(rewards)}) and at least 2 "
+                         "(one sample has no others to compare with)")
+    g = rewards.reshape(-1, group_size)
+    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).reshape(-1)

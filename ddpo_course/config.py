@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .models import check_model_source
-from .prompts import PROMPT_SETS, PICKAPIC_EXTRA
+from .prompts import PROMPT_SETS, PICKAPIC_EXTRA, get_prompts
 from .rewards import REWARDS
 
 # %% auto #0
@@ -292,6 +292,14 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
         _err("train.gradient_accumulation", t.gradient_accumulation, f"must divide the minibatches per process ({per_process // t.batch_size})")
     if t.method not in ("is", "sf", "nft"):
         _err("train.method", t.method, "use 'is' (clipped importance sampling), 'sf' (REINFORCE) or 'nft' (DiffusionNFT)")
+    if t.method == "sf":
+        g = t.global_batch_size or t.batch_size * t.gradient_accumulation * num_processes
+        steps = s.samples_per_epoch // g * t.inner_epochs
+        if steps != 1:
+            _err("train.method", t.method, f"is REINFORCE, which is on-policy: its epoch must be one optimizer step, but this one takes "
+                 f"{steps} ({s.samples_per_epoch // g} of {g} samples x train.inner_epochs={t.inner_epochs}), and every step after "
+                 f"the first would reuse samples drawn by older weights; set train.global_batch_size={s.samples_per_epoch} and "
+                 "train.inner_epochs=1, or use train.method=is, whose clipped ratio corrects for the reuse")
     if t.method == "nft":
         if not t.nft_beta > 0: _err("train.nft_beta", t.nft_beta, "must be > 0; 1.0 is usual")
         if not 0 <= t.nft_t_min < 1000:
@@ -321,6 +329,12 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
         if v is not None and v not in PROMPT_SETS and not Path(v).expanduser().is_file():
             _err(path, v, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
         if v == "pickapic" and not _importable("datasets"): _err(path, v, f"needs the datasets package: {PICKAPIC_EXTRA}")
+    if r.heldout is not None and "pickapic" not in (r.prompts, r.heldout):      # (Pick-a-Pic's prompts come from the hub)
+        shared = sorted(set(get_prompts(r.prompts)) & set(get_prompts(r.heldout)))
+        if shared:
+            _err("reward.heldout", r.heldout, f"shares {len(shared)} prompt(s) with reward.prompts={r.prompts!r} (e.g. {shared[0]!r}), "
+                 "so it is not held out; use a set disjoint from the trained one (heldout_animals beside common_animals, "
+                 "shapes_heldout beside the shape sets), or remove the shared lines from your file")
     if str(r.overlap).lower() not in ("auto", "true", "false"): _err("reward.overlap", r.overlap, "use auto, true or false")
     if r.heldout_samples < 1: _err("reward.heldout_samples", r.heldout_samples, "must be a positive integer")
     bad = [k for k in run.trackers if k not in TRACKERS]

@@ -17,8 +17,8 @@ from .config import Config, config_from_dict, config_to_dict, load_config
 from .train import DDPOTrainer, read_metrics
 
 # %% auto #0
-__all__ = ['EXPERIMENT_BASE', 'LABELS', 'SD_EXPERIMENTS', 'SD_COMMON', 'experiment_config', 'differences', 'finished',
-           'run_experiment', 'series', 'plot_runs', 'summary', 'show_rows', 'eval_images', 'pretrain_more',
+__all__ = ['EXPERIMENT_BASE', 'LABELS', 'WINS', 'SD_EXPERIMENTS', 'SD_COMMON', 'experiment_config', 'differences', 'finished',
+           'run_experiment', 'series', 'plot_runs', 'summary', 'verdicts', 'show_rows', 'eval_images', 'pretrain_more',
            'sd_command']
 
 # %% ../nbs/08_experiments.ipynb #62c437f0
@@ -67,25 +67,24 @@ LABELS = dict(reward_mean="toy aesthetic (trained)", monitor_gold_mean="gold", m
               diversity="diversity", kl_ref="KL to pretrained", approx_kl="approx_kl (per update)", clipfrac="clipfrac",
               heldout_reward="held-out: toy aesthetic", heldout_gold="held-out: gold", heldout_alignment="held-out: alignment")
 
-def series(m:list[dict], key:str, samples_per_epoch:int=32) -> tuple[np.ndarray, np.ndarray]:
-    "(samples drawn, value) of `key` over a run; evaluations include the point before training (0 samples)."
-    per_epoch = samples_per_epoch
+def series(m:list[dict], key:str) -> tuple[np.ndarray, np.ndarray]:
+    "(epochs trained, value) of `key` over a run; evaluations include the point before training (0 epochs)."
     pts = [(0, m[0][f"{key}_before"])] if f"{key}_before" in m[0] else []
-    pts += [((r["epoch"] + 1) * per_epoch, r[key]) for r in m if r.get(key) is not None]
+    pts += [(r["epoch"] + 1, r[key]) for r in m if r.get(key) is not None]
     return tuple(np.array(v) for v in zip(*pts)) if pts else (np.array([]), np.array([]))
 
 def plot_runs(runs:dict[str, list[dict]], # label -> metrics of one run
               keys:list[str], # metrics to plot, one panel each
               title:str="", smooth:int=3, # moving average over this many epochs (evaluations are drawn unsmoothed)
              ):
-    "One panel per metric, one line per run, against the number of samples drawn."
+    "One panel per metric, one line per run, against the epochs trained."
     fig, axs = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.9), squeeze=False, layout="constrained")
     for ax, key in zip(axs[0], keys):
         for label, m in runs.items():
             x, y = series(m, key)
             if key.startswith("heldout"): ax.plot(x, y, "o-", ms=3, label=label)
             elif len(y) >= smooth: ax.plot(x[smooth - 1:], np.convolve(y, np.ones(smooth) / smooth, "valid"), label=label)
-        ax.set_title(LABELS.get(key, key), fontsize=9); ax.set_xlabel("samples drawn", fontsize=8); ax.tick_params(labelsize=7)
+        ax.set_title(LABELS.get(key, key), fontsize=9); ax.set_xlabel("epochs trained", fontsize=8); ax.tick_params(labelsize=7)
     axs[0, 0].legend(fontsize=7)
     if title: fig.suptitle(title, fontsize=10)
     return fig
@@ -98,6 +97,22 @@ def summary(runs:dict[str, list[dict]], keys:list[str]=("reward_mean", "monitor_
     for label, m in runs.items():
         cells = [f"{series(m, k)[1][:n].mean():9.4g} -> {series(m, k)[1][-n:].mean():<9.4g}" for k in keys]
         rows.append(f"{label:<20}" + "".join(f"{c:>24}" for c in cells))
+    return "\n".join(rows)
+
+WINS = ("eval_win_reward", "eval_win_gold", "eval_win_alignment")
+
+def verdicts(runs:dict[str, list[dict]], # label -> metrics of one run
+             epoch:int|None=None, # the evaluation to read in every run (None: each run's last)
+            ) -> str:
+    "A table: each run judged pair by pair against its own samples before training, at one evaluation."
+    rows = [f"{'run':<26}{'epoch':>5}   pairs won: trained  gold  alignment   judged aligned    KL"]
+    for label, m in runs.items():
+        r = next((r for r in reversed(m) if r.get("eval_aligned") is not None and epoch in (None, r["epoch"])), None)
+        if r is None: raise ValueError(f"{label!r} has no evaluation at epoch {epoch}: runs evaluate every "
+                                       "run.eval_every epochs and at their last; pick one of those")
+        won = "".join(f"{r[k]:>{w}.0%}" for k, w in zip(WINS, (19, 6, 11)))
+        rows.append(f"{label:<26}{r['epoch']:>5}{won}{m[0]['eval_aligned_before']:>10.0%} -> {r['eval_aligned']:<4.0%}"
+                    f"{r.get('kl_ref', float('nan')):>7.3f}")
     return "\n".join(rows)
 
 # %% ../nbs/08_experiments.ipynb #dfe4531d
@@ -155,7 +170,7 @@ SD_EXPERIMENTS = {
     "hack":    ["train.learning_rate=5e-5"],
     "hack_kl": ["train.learning_rate=5e-5", "train.kl_coef=1.0"],
 }
-SD_COMMON = ["reward.prompts=common_animals", "reward.heldout=imagenet_animals", "reward.monitor=[pickscore]",
+SD_COMMON = ["reward.prompts=common_animals", "reward.heldout=heldout_animals", "reward.monitor=[pickscore]",
              "train.global_batch_size=32"]   # 4 per GPU: the blog's 4 per step cannot be split over 8 GPUs
 
 def sd_command(name:str, num_processes:int=8) -> str:

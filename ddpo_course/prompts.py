@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_prompts.ipynb #475c550b
 from __future__ import annotations
-import random
+import random, re
 from importlib.resources import files
 from pathlib import Path
 
@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 # %% auto #0
-__all__ = ['PICKAPIC_EXTRA', 'PROMPT_SETS', 'imagenet_animals', 'common_animals', 'prompts_from_file', 'pickapic_prompts',
-           'get_prompts', 'shape_prompts', 'PromptDataset']
+__all__ = ['PICKAPIC_EXTRA', 'PROMPT_SETS', 'imagenet_animals', 'common_animals', 'heldout_animals', 'prompts_from_file',
+           'pickapic_prompts', 'get_prompts', 'shape_prompts', 'PromptDataset']
 
 # %% ../nbs/05_prompts.ipynb #93bcc753
 def _packaged(name:str) -> list[str]: return files("ddpo_course").joinpath("data", name).read_text().splitlines()
@@ -25,6 +25,13 @@ def imagenet_animals() -> list[str]:
 def common_animals() -> list[str]:
     "A short list of common animals."
     return _packaged("common_animals.txt")
+
+def _words(name:str) -> set[str]: return {w.removesuffix("s") for w in re.findall(r"[a-z]+", name.lower())}
+
+def heldout_animals() -> list[str]:
+    "ImageNet's animal classes that share no word with `common_animals` (no 'tiger shark' when 'tiger' and 'shark' are trained)."
+    trained = set().union(*map(_words, common_animals()))
+    return [a for a in imagenet_animals() if not _words(a) & trained]
 
 def prompts_from_file(path:str|Path) -> list[str]:
     "The non-empty lines of a text file, stripped."
@@ -45,7 +52,8 @@ def pickapic_prompts(dataset:str="carperai/pickapic_v1_no_images_training_sfw", 
     ds = load_dataset(dataset, split=split)
     return [c.strip() for c in ds["caption"] if c and c.strip()]
 
-PROMPT_SETS = {"imagenet_animals": imagenet_animals, "common_animals": common_animals, "pickapic": pickapic_prompts,
+PROMPT_SETS = {"imagenet_animals": imagenet_animals, "common_animals": common_animals, "heldout_animals": heldout_animals,
+               "pickapic": pickapic_prompts,
                "shapes": lambda: shape_prompts(), "shapes_rare": lambda: shape_prompts("rare"),
                "shapes_heldout": lambda: shape_prompts("held-out")}
 

@@ -30,9 +30,9 @@ from .sampling import Trajectory, decode_latents, policy_step, sample_trajectori
 # %% auto #0
 __all__ = ['DTYPES', 'LORA_TARGETS', 'MAX_OVERFLOWS', 'seed_for', 'generator', 'TrainingError', 'TrainState', 'wandb_logged_in',
            'latest_checkpoint', 'DDPOTrainer', 'setup', 'image_diversity', 'sample_epoch', 'compute_advantages',
-           'train_epoch', 'nft_epoch', 'shuffle_within', 'reference_mean', 'measure_snr', 'save_grid', 'pair_scores',
-           'pair_wins', 'evaluate', 'save_checkpoint', 'resume', 'save_final', 'read_metrics', 'plot_reward_curve',
-           'log_epoch', 'peak_rss_mb', 'train', 'main']
+           'train_epoch', 'per_step_stats', 'nft_epoch', 'shuffle_within', 'reference_mean', 'measure_snr', 'save_grid',
+           'pair_scores', 'pair_wins', 'evaluate', 'save_checkpoint', 'resume', 'save_final', 'read_metrics',
+           'plot_reward_curve', 'log_epoch', 'peak_rss_mb', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #210f7c18
 def seed_for(*keys:int) -> int:
@@ -304,6 +304,7 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
     sched = self.pipe.scheduler; sched.set_timesteps(s.num_steps, device=acc.device)
     advantages = advantages.to(acc.device)
     stats = dict(loss=[], approx_kl=[], clipfrac=[], grad_norm=[], kl_ref=[])
+    per_t = torch.zeros(5, T, device=acc.device)   # per denoising step: rows, rows clipped, Σ|log-ratio|, Σ kl_ref, rows with kl_ref
     loss_ok = torch.ones((), dtype=torch.bool, device=acc.device)   # every loss since the last optimizer step was finite
     self.unet.train()
     for inner in range(t.inner_epochs):
@@ -311,7 +312,7 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
         perm = torch.randperm(N, generator=g)
         first = t.timesteps == "first"                                    # the noisiest n steps, else a random n of T
         tperm = torch.stack([torch.randperm(self.n_train_steps if first else T, generator=g) for _ in range(N)])[:, :self.n_train_steps]
-        rows = perm[:, None]
+        rows, step_of = perm[:, None], tperm[perm].to(acc.device)     # step_of: which denoising step each trained row is
         x_t = traj.latents[rows, tperm[perm]]; x_next = traj.latents[rows, tperm[perm] + 1]
         ts, old = traj.timesteps[rows, tperm[perm]], traj.log_probs[rows, tperm[perm]]
         cond, uncond, adv = traj.prompt_embeds[perm], None if traj.uncond_embeds is None else traj.uncond_embeds[perm], advantages[perm]
@@ -334,15 +335,25 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
                                     if t.kl_coef or (j == 0 and t.log_kl_ref) else None)
                     # the mean over kt·m rows is the mean of the kt per-timestep losses; accumulated over n/kt calls, the same gradient
                     out = ddpo_loss(step.log_prob, steps(old), per_traj(adv), t.clip_range, t.adv_clip_max, t.method)
+                    idx, ratio = steps(step_of), out.ratio.float()
+                    for r, v in ((0, torch.ones_like(ratio)), (1, ((ratio - 1).abs() > t.clip_range).float()), (2, ratio.log().abs())):
+                        per_t[r].index_add_(0, idx, v)
                     if ref_mean is not None:
-                        kl = gaussian_kl(step.mean[ref_rows], ref_mean, step.std[ref_rows]).mean()   # KL(p_θ ‖ p_ref)
-                        stats["kl_ref"].append(kl.detach())
+                        kl_rows = gaussian_kl(step.mean[ref_rows], ref_mean, step.std[ref_rows])   # KL(p_θ ‖ p_ref), one per row
+                        kl = kl_rows.mean(); stats["kl_ref"].append(kl.detach())
+                        per_t[3].index_add_(0, idx[ref_rows], kl_rows.detach().float()); per_t[4].index_add_(0, idx[ref_rows], torch.ones_like(kl_rows).float())
                     loss = out.loss + t.kl_coef * kl if t.kl_coef else out.loss
                     loss_ok = self._backward(epoch, loss, loss_ok, stats["grad_norm"])
                     for k in ("loss", "approx_kl", "clipfrac"): stats[k].append(getattr(out, k).detach())   # no .item(): no GPU sync per step
     keys = ("loss", "approx_kl", "clipfrac", "grad_norm") + (("kl_ref",) if t.kl_coef or t.log_kl_ref else ())
     local = torch.stack([torch.stack(stats[k]).float().mean() if stats[k] else torch.zeros((), device=acc.device) for k in keys])
-    return dict(zip(keys, acc.reduce(local, reduction="mean").cpu().tolist()))
+    return dict(zip(keys, acc.reduce(local, reduction="mean").cpu().tolist())) | per_step_stats(acc.reduce(per_t, reduction="sum"))
+
+def per_step_stats(per_t:torch.Tensor) -> dict:
+    "Clip fraction, mean |log-ratio| and kl_ref of each denoising step from `train_epoch`'s sums (None where a step had no rows)."
+    n, (clipped, abs_lr, kl, kl_n) = per_t[0].cpu(), per_t[1:].cpu()
+    per = lambda v, k: [(a / b).item() if b else None for a, b in zip(v, k)]
+    return dict(clipfrac_t=per(clipped, n), abs_log_ratio_t=per(abs_lr, n), kl_ref_t=per(kl, kl_n))
 
 def _backward(self:DDPOTrainer, epoch:int, loss:torch.Tensor, loss_ok:torch.Tensor, grad_norms:list) -> torch.Tensor:
     "Backward one micro-step's loss (inside `accumulate`); at the last of an optimizer step, clip, check and step. The new `loss_ok`."

@@ -273,7 +273,7 @@ def test_kl_penalty_keeps_the_policy_closer_to_the_pretrained_model(tmp_path):
 def test_groups_held_out_prompts_and_diversity_two_processes(tmp_path):
     run = tmp_path/"run"
     args = ["tiny", f"run.dir={run}", *SMALL, "train.batch_size=2", "train.epochs=2", "run.eval_every=1",
-            "sample.images_per_prompt=2", "train.advantages=group", "reward.heldout=imagenet_animals", "reward.heldout_samples=4"]
+            "sample.images_per_prompt=2", "train.advantages=group", "reward.heldout=heldout_animals", "reward.heldout_samples=4"]
     subprocess.run(launch() + args, env=ENV, check=True, timeout=600, capture_output=True)   # a split group would stop the run
     m = read_metrics(run)
     assert [r["epoch"] for r in m] == [0, 1]
@@ -324,10 +324,10 @@ def test_kill_between_metrics_and_checkpoint_loses_no_record(tmp_path):
     assert [m["epoch"] for m in metrics] == [0, 1, 2]                         # epoch 1 redone once, no duplicate line
     assert metrics[2]["checkpoint_s"] > 0 and metrics[0]["checkpoint_s"] == 0   # timed in the line after its checkpoint
 
-def test_accumulation_inner_epochs_reinforce_and_batch_baseline_together(tmp_path):
+def test_accumulation_inner_epochs_and_batch_baseline_together(tmp_path):
     # 8 samples, minibatches of 4: 2 per inner epoch, 2 inner epochs, accumulating 2 minibatches per step: 2 steps per epoch
     trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "train.gradient_accumulation=2", "train.inner_epochs=2",
-                                "train.method=sf", "train.advantages=batch"))
+                                "train.advantages=batch"))
     metrics = trainer.train()
     assert [m["global_step"] for m in metrics] == [2, 4]
     assert all(m["kl_ref"] > 0 and m["approx_kl"] > 0 for m in metrics)     # the second inner epoch sees a moved policy
@@ -436,6 +436,17 @@ def test_gradient_snr_is_logged_per_step_when_asked(tmp_path):
     assert len(m[0]["grad_cos_t"]) == 4 and all(-1 <= c <= 1 for c in m[0]["grad_cos_t"]) and -1 <= m[0]["grad_cos"] <= 1
     assert -1 <= m[0]["grad_cos_layers"] <= 1 and m[0]["grad_cos_layers"] != m[0]["grad_cos"]   # a different mean of the same gradients
     assert all(n > 0 for n in m[0]["grad_norm_t"]) and "grad_cos_t" not in m[1]      # epoch 1 is not a multiple of 2
+
+def test_per_step_clip_fraction_log_ratio_and_kl_are_logged_for_the_trained_steps(tmp_path):
+    # 8 samples in 2 optimizer steps of 4, so the second step's ratios move; the noisiest 2 of 4 steps trained, with a KL penalty
+    m = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "train.timesteps=first", "train.timestep_fraction=0.5",
+                          "train.gradient_accumulation=1", "train.kl_coef=0.1", "train.clip_range=1e-6")).train()
+    for r in m:
+        assert len(r["clipfrac_t"]) == len(r["abs_log_ratio_t"]) == len(r["kl_ref_t"]) == 4
+        assert r["clipfrac_t"][2:] == r["abs_log_ratio_t"][2:] == r["kl_ref_t"][2:] == [None, None]   # untrained steps
+        assert all(0 <= c <= 1 for c in r["clipfrac_t"][:2]) and all(x >= 0 for x in r["abs_log_ratio_t"][:2] + r["kl_ref_t"][:2])
+        assert abs(sum(r["clipfrac_t"][:2]) / 2 - r["clipfrac"]) < 1e-6       # equal rows per step: their mean is the epoch's
+    assert max(m[1]["abs_log_ratio_t"][:2]) > 0 and max(m[1]["clipfrac_t"][:2]) > 0 and max(m[1]["kl_ref_t"][:2]) > 0
 
 def test_evaluation_is_judged_pair_by_pair_against_before_training(tmp_path, capsys):
     "On shape-world prompts: win rates of the trained and monitored rewards, and the independent judge's aligned share."
