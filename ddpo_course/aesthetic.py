@@ -13,9 +13,11 @@ from torch import nn
 import open_clip
 from PIL import Image
 
+from .images import image_batch   # Appendix A3
+
 # %% auto #0
-__all__ = ['AESTHETIC_URL', 'AESTHETIC_FILE', 'AESTHETIC_SHA256', 'AestheticMLP', 'load_aesthetic_mlp', 'image_batch',
-           'clip_preprocess', 'AestheticScorer', 'ToyAestheticScorer', 'train_toy_aesthetic']
+__all__ = ['AESTHETIC_URL', 'AESTHETIC_FILE', 'AESTHETIC_SHA256', 'AestheticMLP', 'load_aesthetic_mlp', 'clip_preprocess',
+           'AestheticScorer', 'ToyAestheticScorer', 'train_toy_aesthetic']
 
 # %% ../nbs/01_aesthetic.ipynb #9a6eefc7
 class AestheticMLP(nn.Module):
@@ -45,28 +47,6 @@ def load_aesthetic_mlp(path:str|Path|None=None, # a verified weight file; None f
     mlp = AestheticMLP()
     mlp.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return mlp.eval()
-
-# %% ../nbs/01_aesthetic.ipynb #7c719846
-def image_batch(images, # list of PIL images, uint8 array/tensor [B,H,W,3] or [B,3,H,W], or float tensor in [0,1]
-                device:str|torch.device|None=None, # where the result goes
-               ) -> torch.Tensor:
-    "`images` as a float tensor `[B, 3, H, W]` in [0, 1]."
-    if isinstance(images, Image.Image): images = [images]
-    if isinstance(images, (list, tuple)):
-        if not images: raise ValueError("image_batch got an empty list of images")
-        if isinstance(images[0], Image.Image):
-            sizes = {im.size for im in images}
-            if len(sizes) > 1: raise ValueError(f"images in one batch must share a size; got sizes {sorted(sizes)}")
-            images = np.stack([np.asarray(im.convert("RGB")) for im in images])
-        else: images = torch.stack([torch.as_tensor(np.asarray(im)) for im in images])
-    x = torch.as_tensor(images, device=device)
-    if x.ndim == 3: x = x[None]
-    if x.ndim != 4: raise ValueError(f"expected a batch of images [B,H,W,3] or [B,3,H,W]; got shape {tuple(x.shape)}")
-    if x.shape[-1] == 3 and x.shape[1] != 3: x = x.permute(0, 3, 1, 2)
-    if x.shape[1] != 3: raise ValueError(f"expected 3 colour channels, first or last; got shape {tuple(x.shape)}")
-    if x.dtype == torch.uint8: return x.float() / 255
-    if not x.is_floating_point(): raise ValueError(f"images must be uint8 or float in [0, 1]; got {x.dtype}")
-    return x.float()
 
 # %% ../nbs/01_aesthetic.ipynb #8274e663
 def clip_preprocess(x:torch.Tensor, # float images [B, 3, H, W] in [0, 1]

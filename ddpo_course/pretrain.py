@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .aesthetic import image_batch
+from .images import image_batch
 from .tokenizer import clip_tokenizer
 from .models import sd_ddim_scheduler, toy_dir, write_checksums, load_pipeline
 from .world import (ALL_PAIRS, BACKGROUNDS, COLOURS, SHAPES, caption, pair_kind, parse_caption,

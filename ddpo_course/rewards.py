@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from PIL import Image
 
-from .aesthetic import AestheticScorer, clip_preprocess, image_batch
+from .aesthetic import AestheticScorer, clip_preprocess
+from .images import image_batch
 
 # %% auto #0
 __all__ = ['RewardFn', 'REWARDS', 'RewardError', 'check_rewards', 'checked', 'aesthetic_reward', 'jpeg_kb',

@@ -15,7 +15,7 @@ from torch import nn, Tensor
 from torch.utils.data import Dataset
 from PIL import Image, ImageDraw
 
-from .aesthetic import image_batch
+from .images import image_batch
 from .models import toy_dir, verify_checksums, write_checksums
 
 # %% auto #0
