@@ -293,7 +293,7 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     if t.method not in ("is", "sf", "nft"):
         _err("train.method", t.method, "use 'is' (clipped importance sampling), 'sf' (REINFORCE) or 'nft' (DiffusionNFT)")
     if t.method == "sf":
-        g = t.global_batch_size or t.batch_size * t.gradient_accumulation * num_processes
+        g = minibatches_per_step(cfg, num_processes) * t.batch_size * num_processes   # trajectories per optimizer step
         steps = s.samples_per_epoch // g * t.inner_epochs
         if steps != 1:
             _err("train.method", t.method, f"is REINFORCE, which is on-policy: its epoch must be one optimizer step, but this one takes "

@@ -336,12 +336,14 @@ def train_epoch(self:DDPOTrainer, epoch:int, traj:Trajectory, advantages:torch.T
                     # the mean over kt·m rows is the mean of the kt per-timestep losses; accumulated over n/kt calls, the same gradient
                     out = ddpo_loss(step.log_prob, steps(old), per_traj(adv), t.clip_range, t.adv_clip_max, t.method)
                     idx, ratio = steps(step_of), out.ratio.float()
-                    for r, v in ((0, torch.ones_like(ratio)), (1, ((ratio - 1).abs() > t.clip_range).float()), (2, ratio.log().abs())):
+                    abs_log_ratio = (step.log_prob.detach() - steps(old)).abs().float()
+                    for r, v in enumerate((torch.ones_like(ratio), ((ratio - 1).abs() > t.clip_range).float(), abs_log_ratio)):
                         per_t[r].index_add_(0, idx, v)
                     if ref_mean is not None:
                         kl_rows = gaussian_kl(step.mean[ref_rows], ref_mean, step.std[ref_rows])   # KL(p_θ ‖ p_ref), one per row
                         kl = kl_rows.mean(); stats["kl_ref"].append(kl.detach())
-                        per_t[3].index_add_(0, idx[ref_rows], kl_rows.detach().float()); per_t[4].index_add_(0, idx[ref_rows], torch.ones_like(kl_rows).float())
+                        for r, v in ((3, kl_rows.detach().float()), (4, torch.ones_like(kl_rows, dtype=torch.float))):
+                            per_t[r].index_add_(0, idx[ref_rows], v)
                     loss = out.loss + t.kl_coef * kl if t.kl_coef else out.loss
                     loss_ok = self._backward(epoch, loss, loss_ok, stats["grad_norm"])
                     for k in ("loss", "approx_kl", "clipfrac"): stats[k].append(getattr(out, k).detach())   # no .item(): no GPU sync per step
