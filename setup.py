@@ -58,7 +58,7 @@ setup(
         'console_scripts': [
             'ddpo-train=ddpo_course.train:main',
             'ddpo-bench=ddpo_course.bench:main',
-            'ddpo-bench-gpu=ddpo_course.bench:gpu_main',
+            'ddpo-bench-gpu=ddpo_course.bench_gpu:main',
         ],
         'nbdev': ['ddpo_course=ddpo_course._modidx:d'],
     },

@@ -12,9 +12,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 # %% auto #0
-__all__ = ['TINY', 'TOY', 'TOY_EARLY', 'CHECKSUMS', 'quiet_hf', 'check_model_source', 'load_pipeline', 'sd_ddim_scheduler',
-           'tiny_pipeline', 'same_weights', 'ModelFileError', 'toy_dir', 'toy_pipeline_dir', 'write_checksums',
-           'verify_checksums', 'encode_prompts', 'encode_with_uncond']
+__all__ = ['TINY', 'TOY', 'TOY_EARLY', 'CLIP_TINY', 'CHECKSUMS', 'quiet_hf', 'check_model_source', 'load_pipeline',
+           'sd_ddim_scheduler', 'build_pipeline', 'tiny_pipeline', 'same_weights', 'ModelFileError', 'toy_dir',
+           'toy_pipeline_dir', 'write_checksums', 'verify_checksums', 'encode_prompts', 'encode_with_uncond']
 
 # %% ../nbs/00_models.ipynb #229cdbd7
 def quiet_hf():
@@ -72,29 +72,36 @@ def sd_ddim_scheduler(prediction_type:str="epsilon", # "epsilon" (SD 1.x, SD 2.x
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
 
-def tiny_pipeline(seed:int=0, # seed of the random weights
-                  prediction_type:str="epsilon", # the scheduler's prediction type
-                  latent_size:int=16, # latent height and width (images are twice as large)
-                 ) -> StableDiffusionPipeline:
-    "An offline Stable Diffusion pipeline of the real classes, tiny and with random weights."
+def build_pipeline(unet:dict, vae:dict, text_encoder:dict, # each component's size configuration (constructor arguments)
+                   seed:int=0, # seed of the random weights
+                   prediction_type:str="epsilon", # the scheduler's prediction type
+                  ) -> StableDiffusionPipeline:
+    "Stable Diffusion's classes at the given sizes with random weights, CLIP's tokenizer and a DDIM scheduler."
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",)*2, up_block_types=("UpDecoderBlock2D",)*2,
-            norm_num_groups=16, sample_size=2*latent_size)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=32))
+        torch.manual_seed(seed)          # drawn in this order: UNet, VAE, text encoder
+        unet, vae = UNet2DConditionModel(**unet), AutoencoderKL(**vae)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
                                    scheduler=sd_ddim_scheduler(prediction_type), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+CLIP_TINY = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=32)
+
+def tiny_pipeline(seed:int=0, # seed of the random weights
+                  prediction_type:str="epsilon", # the scheduler's prediction type
+                  latent_size:int=16, # latent height and width (images are twice as large)
+                 ) -> StableDiffusionPipeline:
+    "An offline Stable Diffusion pipeline of the real classes, tiny and with random weights."
+    unet = dict(sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+               down_block_types=("DownEncoderBlock2D",)*2, up_block_types=("UpDecoderBlock2D",)*2,
+               norm_num_groups=16, sample_size=2*latent_size)
+    return build_pipeline(unet, vae, CLIP_TINY, seed, prediction_type)
 
 # %% ../nbs/00_models.ipynb #fc42c5ef
 def same_weights(a:torch.nn.Module, b:torch.nn.Module) -> bool:

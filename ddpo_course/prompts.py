@@ -7,13 +7,14 @@ from __future__ import annotations
 import random, re
 from importlib.resources import files
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 from torch.utils.data import Dataset
 
 # %% auto #0
-__all__ = ['PICKAPIC_EXTRA', 'PROMPT_SETS', 'imagenet_animals', 'common_animals', 'heldout_animals', 'prompts_from_file',
-           'pickapic_prompts', 'get_prompts', 'shape_prompts', 'PromptDataset']
+__all__ = ['PICKAPIC_EXTRA', 'PromptSetName', 'PROMPT_SETS', 'imagenet_animals', 'common_animals', 'heldout_animals',
+           'prompts_from_file', 'pickapic_prompts', 'get_prompts', 'shape_prompts', 'PromptDataset']
 
 # %% ../nbs/05a_prompts.ipynb #93bcc753
 def _packaged(name:str) -> list[str]: return files("ddpo_course").joinpath("data", name).read_text().splitlines()
@@ -52,7 +53,10 @@ def pickapic_prompts(dataset:str="carperai/pickapic_v1_no_images_training_sfw", 
     ds = load_dataset(dataset, split=split)
     return [c.strip() for c in ds["caption"] if c and c.strip()]
 
-PROMPT_SETS = {"imagenet_animals": imagenet_animals, "common_animals": common_animals, "heldout_animals": heldout_animals,
+PromptSetName = Literal["imagenet_animals", "common_animals", "heldout_animals", "pickapic", "shapes", "shapes_rare",
+                        "shapes_heldout"]   # the keys of PROMPT_SETS, as a type: `reward.prompts`' annotation
+
+PROMPT_SETS: dict[PromptSetName, Callable[[], list[str]]] = {"imagenet_animals": imagenet_animals, "common_animals": common_animals, "heldout_animals": heldout_animals,
                "pickapic": pickapic_prompts,
                "shapes": lambda: shape_prompts(), "shapes_rare": lambda: shape_prompts("rare"),
                "shapes_heldout": lambda: shape_prompts("held-out")}

@@ -5,7 +5,7 @@
 # %% ../nbs/05b_rewards.ipynb #2bb1d77d
 from __future__ import annotations
 import io
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from .aesthetic import AestheticScorer, clip_preprocess
 from .images import image_batch
 
 # %% auto #0
-__all__ = ['RewardFn', 'REWARDS', 'RewardError', 'check_rewards', 'checked', 'aesthetic_reward', 'jpeg_kb',
+__all__ = ['RewardFn', 'RewardName', 'REWARDS', 'RewardError', 'check_rewards', 'checked', 'aesthetic_reward', 'jpeg_kb',
            'jpeg_compressibility', 'jpeg_incompressibility', 'brightness', 'PickScore', 'pickscore_reward',
            'toy_aesthetic_reward', 'gold_reward', 'alignment_reward', 'get_reward']
 
@@ -143,7 +143,10 @@ def alignment_reward(net=None, # a `ShapeNet`; None loads the shipped one
     return checked(reward, "alignment")
 
 # %% ../nbs/05b_rewards.ipynb #d1eae2c0
-REWARDS = {
+RewardName = Literal["aesthetic", "pickscore", "jpeg_compressibility", "jpeg_incompressibility", "brightness",
+                     "toy_aesthetic", "gold", "alignment"]   # the keys of REWARDS, as a type: `reward.name`'s annotation
+
+REWARDS: dict[RewardName, Callable[..., RewardFn]] = {
     "aesthetic": lambda device, tiny: aesthetic_reward(AestheticScorer.tiny() if tiny else AestheticScorer.from_pretrained(device)),
     "pickscore": lambda device, tiny: pickscore_reward(PickScore.tiny() if tiny else PickScore.from_pretrained(device)),
     "jpeg_compressibility": lambda device, tiny: jpeg_compressibility(),

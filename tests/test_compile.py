@@ -1,10 +1,8 @@
 """`model.compile` end to end on the tiny offline pipeline. In a file of its own, collected early: compiling on an
 empty inductor cache takes minutes, so pytest-xdist starts it while the other worker runs the rest."""
-import torch
-
 from ddpo_course.models import load_pipeline, same_weights
 from ddpo_course.train import DDPOTrainer
-from test_train import record_log_ratios, small   # the suite's small run (8 trajectories of 4 steps) and log-ratio recorder
+from conftest import record_log_ratios, small   # the suite's small run (8 trajectories of 4 steps) and log-ratio recorder
 
 def test_compiled_unet_is_the_eager_run_up_to_rounding_and_resumes(tmp_path, monkeypatch):
     """model.compile: the UNet compiled in place (checkpoints and the final folder keep diffusers' keys), the first

@@ -2,7 +2,8 @@
 python tools/gpu/diag.py"""
 import sys, tempfile, time, statistics
 import torch
-from ddpo_course.bench import _bench_trainer, sd15_pipeline, time_epoch
+from ddpo_course.bench import _bench_trainer, time_epoch
+from ddpo_course.bench_gpu import sd15_pipeline
 from ddpo_course.models import quiet_hf
 quiet_hf(); torch.backends.cuda.matmul.allow_tf32 = True
 d = tempfile.mkdtemp(); t0 = time.perf_counter()
@@ -17,7 +18,7 @@ for reward in ("cpu preset rewards", "brightness"):
     tr = _bench_trainer(f"{d}/run-{len(extra)}", [f"model.name={d}/model", "model.mixed_precision=bf16", "sample.num_steps=10",
                         "sample.samples_per_epoch=16", "sample.batch_size=16", "train.batch_size=4", "train.timestep_fraction=1.0", *extra])
     for e in range(2):
-        t = time.perf_counter(); *_, times = tr.sample_epoch(e); sync()
+        t = time.perf_counter(); times = tr.sample_epoch(e).times; sync()
         print(f"{reward}: sample_epoch {time.perf_counter()-t:.2f} s", {k: round(v, 3) for k, v in times.items()}, flush=True)
 unet = tr.acc.unwrap_model(tr.unet)       # full fine-tuning: fp32 weights under bf16 autocast
 c = torch.randn(64, 77, 768, device="cuda")

@@ -6,7 +6,8 @@ import argparse, gzip, json, shutil, sys, tempfile, time
 from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
-from ddpo_course.bench import _bench_trainer, sd15_pipeline, time_epoch
+from ddpo_course.bench import _bench_trainer, time_epoch
+from ddpo_course.bench_gpu import sd15_pipeline
 from ddpo_course.models import quiet_hf
 
 p = argparse.ArgumentParser()

@@ -4,7 +4,7 @@ python tools/gpu/unet_variants.py [rows]"""
 import statistics, sys, time
 import torch
 from diffusers import UNet2DConditionModel
-from ddpo_course.bench import SD15
+from ddpo_course.bench_gpu import SD15
 rows = int(sys.argv[1]) if len(sys.argv) > 1 else 32
 torch.manual_seed(0)
 unet = UNet2DConditionModel(**{**SD15["unet"], "sample_size": 64}).cuda()

@@ -1,14 +1,15 @@
-"Repository-level checks: the README is generated from the notebook, and the package uses public APIs only."
-import json, re, subprocess, sys
-from pathlib import Path
+"""The notebooks as a course: every module has its lesson, every lesson opens with what it builds and closes with a
+summary and its sources, every notebook is in the lesson table, the code uses no private diffusers API, and the
+interactive figures redraw outside a notebook (the JupyterLab check is in test_jupyterlab.py)."""
+import json, re, sys
 
-ROOT = Path(__file__).resolve().parents[1]
+import matplotlib
+matplotlib.use("Agg")
+
+from ddpo_course.loss import clip_explorer, plot_clipped_objective
+from conftest import ROOT
 sys.path.insert(0, str(ROOT/"tools"))
 import build_docs   # its `lessons()`: the numbered lessons, then the appendices
-
-def test_readme_in_sync():
-    res = subprocess.run([sys.executable, str(ROOT/"tools"/"make_readme.py"), "--check"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
 
 def test_no_private_diffusers_api_or_cuda_calls():
     banned = re.compile(r"\._encode_prompt\b|\._get_variance\b|\.cuda\(")
@@ -21,11 +22,6 @@ def test_every_module_has_a_notebook():
     text = "".join(p.read_text() for p in (ROOT/"nbs").glob("*.ipynb"))
     missing = [m for m in mods if f"default_exp {m}" not in text]
     assert not missing, missing
-
-def test_readme_links_to_local_files_resolve():
-    text = (ROOT/"README.md").read_text()
-    local = [m for m in re.findall(r"\]\(([^)\s]+)\)", text) if not m.startswith(("http://", "https://", "#"))]
-    assert local and all((ROOT/m).exists() for m in local), [m for m in local if not (ROOT/m).exists()]
 
 def test_every_lesson_opens_with_what_it_builds_and_closes_with_a_summary_and_its_sources():
     "Each lesson and appendix: an opening right after the title, and a last section `## Summary` of three lines plus links."
@@ -48,3 +44,15 @@ def test_every_notebook_is_in_the_lesson_table():
     table = "".join("".join(c["source"]) for c in json.loads((ROOT/"nbs"/"index.ipynb").read_text())["cells"])
     missing = [p.stem for p in (ROOT/"nbs").glob("*.ipynb") if p.stem != "index" and f"| `{p.stem}` |" not in table]
     assert not missing, missing
+
+def test_plot_clipped_objective_outside_a_notebook():
+    ax = plot_clipped_objective(0.2)
+    assert len(ax.lines) >= 2 and "ε = 0.2" in ax.get_title()
+
+def test_clip_explorer_redraws_outside_a_notebook():
+    box = clip_explorer()
+    image = box.children[-1]
+    before = image.value
+    box.children[0].value = 0.01
+    assert before and image.value != before
+
