@@ -27,7 +27,8 @@ class PerPromptStatTracker:
                  min_count:int=16, # rewards a prompt needs before its own statistics are used
                  eps:float=1e-6): # added to the standard deviation
         if buffer_size < 1 or min_count < 1 or min_count > buffer_size:
-            raise ValueError(f"need 1 <= min_count <= buffer_size; got buffer_size={buffer_size}, min_count={min_count}")
+            raise ValueError(f"need 1 <= min_count <= buffer_size; "
+                             f"got buffer_size={buffer_size}, min_count={min_count}")
         self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
         self.buffers: dict[str, deque] = {}
 
@@ -68,7 +69,8 @@ def group_normalize(rewards:Tensor, # rewards [B], the k samples of each group n
     "Advantages from each group's own mean and (population) standard deviation."
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if group_size < 1 or len(rewards) % group_size:
-        raise ValueError(f"group_size={group_size} must be a positive divisor of the number of rewards ({len(rewards)})")
+        raise ValueError(f"group_size={group_size} must be a positive divisor of "
+                         f"the number of rewards ({len(rewards)})")
     g = rewards.reshape(-1, group_size)
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + eps)).reshape(-1)
 
@@ -76,10 +78,11 @@ def group_normalize(rewards:Tensor, # rewards [B], the k samples of each group n
 def leave_one_out(rewards:Tensor, # rewards [B], the k samples of each group next to each other
                   group_size:int, # k >= 2, samples per group; must divide B
                  ) -> Tensor:
-    "Each reward minus the mean of the other rewards of its group: the unbiased group baseline, not divided by a spread."
+    "Each reward minus the mean of the other rewards of its group: the unbiased group baseline, not scaled."
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if group_size < 2 or len(rewards) % group_size:
-        raise ValueError(f"group_size={group_size} must be a divisor of the number of rewards ({len(rewards)}) and at least 2 "
+        raise ValueError(f"group_size={group_size} must be a divisor of the number of rewards ({len(rewards)}) "
+                         "and at least 2 "
                          "(one sample has no others to compare with)")
     g = rewards.reshape(-1, group_size)
     return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).reshape(-1)

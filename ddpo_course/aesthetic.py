@@ -33,14 +33,15 @@ class AestheticMLP(nn.Module):
     def forward(self, emb:torch.Tensor) -> torch.Tensor: return self.layers(emb).squeeze(-1)
 
 # %% ../nbs/01_aesthetic.ipynb #97b842b2
-AESTHETIC_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac%2Blogos%2Bava1-l14-linearMSE.pth")
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
 
 from .download import cache_dir, fetch_file, sha256_of   # Appendix A2
 
 # %% ../nbs/01_aesthetic.ipynb #43535023
-def load_aesthetic_mlp(path:str|Path|None=None, # a verified weight file; None fetches the published one into `cache_dir()`
+def load_aesthetic_mlp(path:str|Path|None=None, # a verified weight file; None fetches the published one
                       ) -> AestheticMLP:
     "The aesthetic MLP with the published weights, in eval mode."
     if path is None: path = fetch_file(AESTHETIC_URL, cache_dir()/AESTHETIC_FILE, AESTHETIC_SHA256)
@@ -57,7 +58,8 @@ def clip_preprocess(x:torch.Tensor, # float images [B, 3, H, W] in [0, 1]
     h, w = x.shape[-2:]
     s = size / min(h, w)
     if (h, w) != (size, size):
-        x = F.interpolate(x, size=(max(size, round(h*s)), max(size, round(w*s))), mode="bicubic", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(max(size, round(h*s)), max(size, round(w*s))), mode="bicubic", antialias=True,
+                          align_corners=False)
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     x = x[..., top:top+size, left:left+size].clamp(0, 1)
     mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) for v in (mean, std))
@@ -120,7 +122,8 @@ class ToyAestheticScorer(nn.Module):
 
     def train(self, mode:bool=True): return super().train(False)  # always eval: dropout off
     @torch.no_grad()
-    def forward(self, images) -> torch.Tensor: return self.mlp(self.net.embed(images)).float()   # embed converts any image form
+    def forward(self, images) -> torch.Tensor:
+        return self.mlp(self.net.embed(images)).float()   # embed converts any image form
 
     @classmethod
     def from_package(cls, device:str|torch.device|None=None):
@@ -128,7 +131,8 @@ class ToyAestheticScorer(nn.Module):
         from safetensors.torch import load_file
         from ddpo_course.models import toy_dir, verify_checksums
         from ddpo_course.world import load_shapenet
-        mlp = AestheticMLP(dim=64); mlp.load_state_dict(load_file(verify_checksums(toy_dir(), "aesthetic_head.safetensors")[0]))
+        mlp = AestheticMLP(dim=64); mlp.load_state_dict(load_file(verify_checksums(toy_dir(),
+                                                                                   "aesthetic_head.safetensors")[0]))
         return cls(load_shapenet(device), mlp.to(device))
 
 def train_toy_aesthetic(net:nn.Module, # the trained `ShapeNet`

@@ -35,7 +35,8 @@ class Timing:
     def median(self) -> float: return statistics.median(self.times)
     @property
     def spread(self) -> tuple[float, float]: return min(self.times), max(self.times)
-    def __repr__(self): return f"{self.median:.4g} s (min {self.spread[0]:.4g}, max {self.spread[1]:.4g}, n={len(self.times)})"
+    def __repr__(self):
+        return f"{self.median:.4g} s (min {self.spread[0]:.4g}, max {self.spread[1]:.4g}, n={len(self.times)})"
 
 def _sync():
     if torch.cuda.is_available(): torch.cuda.synchronize()
@@ -77,7 +78,8 @@ def compare(name:str, ours, base, # two functions of no arguments
             warmup:int=1, # untimed calls of each side first
             target:float|None=None) -> Comparison:
     "Time `ours` against `base` in alternating pairs after a warm-up."
-    if repeats < 1 or warmup < 0: raise ValueError(f"repeats={repeats}, warmup={warmup}: need repeats >= 1 and warmup >= 0")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats}, warmup={warmup}: need repeats >= 1 and warmup >= 0")
     for _ in range(warmup): ours(); base()
     to, tb = [], []
     for i in range(repeats):
@@ -117,21 +119,24 @@ def bench_sampling(pipe=None, # a pipeline with a DDIM scheduler; None builds th
                     generator=gen(), output_type="pt").images
     a, b = ours(), base()
     diff = (a.float() - (b.permute(0, 2, 3, 1).float() * 255).round()).abs().max().item()
-    if diff > 1: raise AssertionError(f"our sampler and the pipeline made different images (max difference {diff} levels): "
+    if diff > 1:
+        raise AssertionError(f"our sampler and the pipeline made different images (max difference {diff} levels): "
                                       "the comparison would not be of the same work")
     return compare("sampling", ours, base, repeats, warmup, target=1.05)
 
 # %% ../nbs/90_benchmarks.ipynb #25add5d9
-BENCH_EPOCH = ["sample.samples_per_epoch=32", "sample.batch_size=16", "sample.images_per_prompt=1", "train.batch_size=8",
-               "train.global_batch_size=null", "train.advantages=per_prompt", "train.timesteps=random", "run.snr_every=0"]
+BENCH_EPOCH = ["sample.samples_per_epoch=32", "sample.batch_size=16", "sample.images_per_prompt=1",
+               "train.batch_size=8", "train.global_batch_size=null", "train.advantages=per_prompt",
+               "train.timesteps=random", "run.snr_every=0"]
 # the epoch this lesson's figures measure: 32 samples, four optimizer steps of 8, a random half of the steps trained
 # (the `cpu` preset before lesson 04's gradient measurements changed its recipe), so the figures stay comparable
 
 def _bench_config(run_dir:str, overrides:list[str]):
-    "The `cpu` preset with the benchmark's epoch (`BENCH_EPOCH`) in `run_dir`, quiet (no trackers, no progress bars), with `overrides`."
+    "The `cpu` preset with the benchmark's epoch (`BENCH_EPOCH`) in `run_dir`, quiet (no trackers or bars), overridden."
     return load_config("cpu", [f"run.dir={run_dir}", "run.trackers=[]", "run.progress=false", *BENCH_EPOCH, *overrides])
 
-def _bench_trainer(run_dir:str, overrides:list[str]) -> DDPOTrainer: return DDPOTrainer(_bench_config(run_dir, overrides)).setup()
+def _bench_trainer(run_dir:str, overrides:list[str]) -> DDPOTrainer:
+    return DDPOTrainer(_bench_config(run_dir, overrides)).setup()
 
 def _count_calls(module, optimizer, fn) -> tuple[int, int]:
     "UNet forward calls and optimizer steps made by one call of `fn`."
@@ -150,7 +155,8 @@ def bench_training(samples:int=16, # trajectories trained on
     "One pass of the trainer over stored trajectories against bare UNet forward+backward with the same optimizer steps."
     with tempfile.TemporaryDirectory() as d:
         tr = _bench_trainer(f"{d}/run", [f"sample.samples_per_epoch={samples}", f"sample.batch_size={samples}",
-                            f"sample.num_steps={num_steps}", f"train.batch_size={batch_size}", "train.timestep_fraction=1.0",
+                            f"sample.num_steps={num_steps}", f"train.batch_size={batch_size}",
+                            "train.timestep_fraction=1.0",
                             "train.inner_epochs=1", "train.log_kl_ref=false", "train.timesteps_per_call=1",
                             f"model.lora={lora}", *overrides])
         samples = tr.sample_epoch(0); traj, rewards = samples.traj, samples.rewards
@@ -164,13 +170,16 @@ def bench_training(samples:int=16, # trajectories trained on
             unet.train(); k = 0
             for b in range(0, N, batch_size):
                 for j in range(T):
-                    x, t, c = traj.latents[b:b + batch_size, j], traj.timesteps[b:b + batch_size, j], cond[b:b + batch_size]
-                    if uncond is not None: x, t, c = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond[b:b + batch_size], c])
+                    rows = slice(b, b + batch_size)
+                    x, t, c = traj.latents[rows, j], traj.timesteps[rows, j], cond[rows]
+                    if uncond is not None:
+                        x, t, c = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond[b:b + batch_size], c])
                     with tr.acc.autocast(): pred = unet(x, t, c).sample
                     (pred.float().square().mean() / every).backward(); k += 1
                     if k % every == 0: opt.step(); opt.zero_grad(set_to_none=True)
         counts = _count_calls(unet, opt, ours), _count_calls(unet, opt, base)
-        if counts[0] != counts[1]: raise AssertionError(f"(UNet calls, optimizer steps): trainer {counts[0]}, baseline {counts[1]}")
+        if counts[0] != counts[1]:
+            raise AssertionError(f"(UNet calls, optimizer steps): trainer {counts[0]}, baseline {counts[1]}")
         return compare("training (LoRA)" if lora else "training (full)", ours, base, repeats, warmup, target=1.10)
 
 # %% ../nbs/90_benchmarks.ipynb #2060702f
@@ -198,7 +207,7 @@ def epoch_breakdown(epochs:int=3, # epochs to run; the first (warm-up) is left o
 
 # %% ../nbs/90_benchmarks.ipynb #5e936c75
 def time_epoch(tr:DDPOTrainer, epoch:int) -> dict:
-    "Seconds of one epoch's sampling (with decoding and scoring), advantages and training; no evaluation, checkpoint or logging."
+    "Seconds of one epoch's sampling (with decoding and scoring), advantages and training; no evaluation or checkpoint."
     _sync(); t0 = time.perf_counter()
     samples = tr.sample_epoch(epoch)
     _sync(); t1 = time.perf_counter()
@@ -260,13 +269,14 @@ def measure_peak_rss(fn):
     if reset: peak, method = _proc_status_mb("VmHWM"), "peak of the call (VmHWM, reset before)"
     else:
         scale = 1 if sys.platform == "darwin" else 1024
-        peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "peak since the process started"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+        method = "peak since the process started"
     before = before if before is not None else float("nan")
     return result, dict(rss_before_mb=before, peak_rss_mb=peak, peak_increase_mb=peak - before, method=method)
 
 # %% ../nbs/90_benchmarks.ipynb #ecf26deb
 def peak_rss_epoch(overrides:list[str]=()) -> dict:
-    "Peak resident set size of one epoch (sampling, scoring, advantages, training) of the `cpu` preset, after a warm-up epoch."
+    "Peak resident set size of one epoch (sampling, scoring, advantages, training) of the `cpu` preset, warmed up."
     with tempfile.TemporaryDirectory() as d:
         tr = _bench_trainer(f"{d}/run", list(overrides))
         time_epoch(tr, 0)
@@ -286,10 +296,11 @@ def _count_rows(module, optimizer, fn) -> tuple[int, int]:
 PLAIN_UNET = ["model.channels_last=false", "model.compile=no"]   # the baseline's UNet: default memory format, eager
 
 def bench_epoch(repeats:int=5, warmup:int=1, overrides:list[str]=()) -> Comparison:
-    "One epoch of the `cpu` preset's trainer against the pipeline's sampling, the rewards and a bare training loop in sequence."
+    "One epoch of the `cpu` preset's trainer against the pipeline's sampling, the rewards and a bare training loop."
     with tempfile.TemporaryDirectory() as d:
         tr = _bench_trainer(f"{d}/run", ["train.log_kl_ref=false", *overrides])
-        plain = _bench_trainer(f"{d}/plain", ["train.log_kl_ref=false", *overrides, *PLAIN_UNET])   # the baseline's models
+        # the baseline's models
+        plain = _bench_trainer(f"{d}/plain", ["train.log_kl_ref=false", *overrides, *PLAIN_UNET])
         s, t, pipe = tr.cfg.sample, tr.cfg.train, plain.pipe
         pipe.set_progress_bar_config(disable=True)
         unet, opt = plain.acc.unwrap_model(plain.unet), plain.opt.optimizer
@@ -310,31 +321,37 @@ def bench_epoch(repeats:int=5, warmup:int=1, overrides:list[str]=()) -> Comparis
             cond, uncond, N = traj.prompt_embeds, traj.uncond_embeds, len(traj)
             for b in range(0, N, t.batch_size):
                 for j in range(tr.n_train_steps):
-                    x, ts, c = traj.latents[b:b + t.batch_size, j], traj.timesteps[b:b + t.batch_size, j], cond[b:b + t.batch_size]
-                    if uncond is not None: x, ts, c = torch.cat([x, x]), torch.cat([ts, ts]), torch.cat([uncond[b:b + t.batch_size], c])
+                    rows = slice(b, b + t.batch_size)
+                    x, ts, c = traj.latents[rows, j], traj.timesteps[rows, j], cond[rows]
+                    if uncond is not None:
+                        x, ts, c = torch.cat([x, x]), torch.cat([ts, ts]), torch.cat([uncond[b:b + t.batch_size], c])
                     with tr.acc.autocast(): pred = unet(x, ts, c).sample
                     (pred.float().square().mean() / every).backward(); k += 1
                     if k % every == 0: opt.step(); opt.zero_grad(set_to_none=True)
         counts = _count_rows(tr.acc.unwrap_model(tr.unet), tr.opt.optimizer, ours), _count_rows(unet, opt, base)
-        if counts[0] != counts[1]: raise AssertionError(f"(UNet rows, optimizer steps): trainer {counts[0]}, baseline {counts[1]}")
+        if counts[0] != counts[1]:
+            raise AssertionError(f"(UNet rows, optimizer steps): trainer {counts[0]}, baseline {counts[1]}")
         return compare("epoch", ours, base, repeats, warmup, target=1.00)
 
 def compare_epochs(settings:dict[str, list[str]], # a name for each setting: its config overrides
                    repeats:int=5, overrides:list[str]=()) -> dict[str, dict]:
-    "Median seconds of each phase of one epoch (`time_epoch`) of the `cpu` preset per setting, the settings alternated in one process."
+    "Median seconds of each phase of one epoch (`time_epoch`) of the `cpu` preset per setting, alternated in a process."
     with tempfile.TemporaryDirectory() as d:
         trainers = {name: _bench_trainer(f"{d}/{i}", [*overrides, *o]) for i, (name, o) in enumerate(settings.items())}
         for tr in trainers.values(): time_epoch(tr, 0)       # warm-up
         times = {name: [] for name in trainers}
         for r in range(repeats):
-            for name in (list(trainers) if r % 2 == 0 else list(trainers)[::-1]): times[name].append(time_epoch(trainers[name], 1 + r))
+            for name in (list(trainers) if r % 2 == 0 else list(trainers)[::-1]):
+                times[name].append(time_epoch(trainers[name], 1 + r))
     return {name: {k: statistics.median(x[k] for x in ts) for k in ts[0]} for name, ts in times.items()}
 
 def format_settings(res:dict[str, dict]) -> str:
     "The medians of `compare_epochs` as a table, each setting's epoch also relative to the first."
     first = next(iter(res.values()))["epoch_s"]
     lines = [f"{'setting':<34}{'sampling s':>11}{'training s':>11}{'epoch s':>9}{'vs first':>9}"]
-    lines += [f"{name:<34}{r['sampling_s']:>11.3f}{r['training_s']:>11.3f}{r['epoch_s']:>9.3f}{r['epoch_s'] / first:>9.3f}" for name, r in res.items()]
+    lines += [f"{name:<34}{r['sampling_s']:>11.3f}{r['training_s']:>11.3f}{r['epoch_s']:>9.3f}"
+              f"{r['epoch_s'] / first:>9.3f}"
+              for name, r in res.items()]
     return "\n".join(lines)
 
 # %% ../nbs/90_benchmarks.ipynb #b6a1e002
@@ -425,7 +442,8 @@ def unet_levers(model:str="toy", # the pipeline whose UNet is timed: "toy", "tin
     flops = {k: unet_flops(base, train, rows=rows, tokens=tokens) for k, (rows, train) in kinds.items()}
     progress("measuring the machine's peak...")
     native = native_bf16()   # without bf16 instructions a bf16 product runs tens of times slower: a smaller one says so
-    peaks = dict(float32=matmul_peak_tflops(torch.float32), bfloat16=matmul_peak_tflops(torch.bfloat16, n=2048 if native else 512))
+    peaks = dict(float32=matmul_peak_tflops(torch.float32),
+                 bfloat16=matmul_peak_tflops(torch.bfloat16, n=2048 if native else 512))
     calls, first, diff, ref = {}, {}, {}, {}
     for name, lv in levers.items():
         unet = _lever_unet(base, lv)
@@ -490,7 +508,8 @@ def run_benchmarks(small:bool=False, # every size shrunk, for a smoke test
     out["training"] = []
     for lo in ((False, True) if lora else (False,)):
         progress(f"training overhead ({'LoRA' if lo else 'full'})...")
-        out["training"].append(bench_training(**{**sz["training"], **(training or {})}, lora=lo, repeats=repeats, warmup=warmup).to_dict())
+        out["training"].append(bench_training(**{**sz["training"], **(training or {})}, lora=lo, repeats=repeats,
+                                              warmup=warmup).to_dict())
     progress("epoch against bare work...")
     out["epoch_vs_bare"] = bench_epoch(repeats=repeats, warmup=warmup, overrides=sz["epoch"]).to_dict()
     progress("epoch breakdown...")
@@ -511,14 +530,18 @@ def format_table(r:dict) -> str:
              f"{'measure':<34}{'ours (s)':>10}{'baseline (s)':>14}{'ratio':>8}{'range':>16}{'target':>8}"]
     for c in [r["sampling"], *r["training"], *([r["epoch_vs_bare"]] if "epoch_vs_bare" in r else [])]:
         ok = "" if c["met"] is None else (" ok" if c["met"] else " MISSED")
-        lines.append(f"{c['name'] + ' overhead':<34}{c['ours_median_s']:>10.3f}{c['base_median_s']:>14.3f}{c['ratio']:>8.3f}"
-                     f"{'[' + format(c['ratio_min'], '.3f') + ', ' + format(c['ratio_max'], '.3f') + ']':>16}{'<= ' + format(c['target'], '.2f'):>8}{ok}")
+        lines.append(f"{c['name'] + ' overhead':<34}{c['ours_median_s']:>10.3f}{c['base_median_s']:>14.3f}"
+                     f"{c['ratio']:>8.3f}"
+                     f"{'[' + format(c['ratio_min'], '.3f') + ', ' + format(c['ratio_max'], '.3f') + ']':>16}"
+                     f"{'<= ' + format(c['target'], '.2f'):>8}{ok}")
     e = r["epoch"]
-    lines.append(f"epoch of the cpu preset{' (small)' if r['small'] else ''}: {e['epoch_s']:.2f} s, mean of {e['epochs_measured']} epochs")
+    lines.append(f"epoch of the cpu preset{' (small)' if r['small'] else ''}: {e['epoch_s']:.2f} s, mean of "
+                 f"{e['epochs_measured']} epochs")
     for k in PHASES + ("other_s",):
         lines.append(f"  {k[:-2]:<32}{e[k]:>10.3f}{100 * e[k] / e['epoch_s']:>13.1f}%")
     lines.append(f"  {'(scoring, in a background thread)':<32}{e['scoring_s']:>10.3f}")
-    lines.append("seconds per epoch: " + ", ".join(f"{p['samples']} samples x {p['steps']} steps: {p['epoch_s']:.2f}" for p in r["scaling"]))
+    lines.append("seconds per epoch: " + ", ".join(f"{p['samples']} samples x {p['steps']} steps: {p['epoch_s']:.2f}"
+                                                   for p in r["scaling"]))
     mem = r["memory"]
     lines.append(f"peak RSS of one epoch: {mem['peak_rss_mb']:.0f} MiB ({mem['peak_increase_mb']:+.0f} MiB over the "
                  f"{mem['rss_before_mb']:.0f} MiB before it; {mem['method']})")
@@ -533,7 +556,8 @@ def _check_positive(p:argparse.ArgumentParser, args, names:tuple[str, ...]):
 
 def main(argv:list[str]|None=None) -> int:
     "Entry point of `ddpo-bench`."
-    p = argparse.ArgumentParser(prog="ddpo-bench", description="Measure the sampler's and the trainer's overhead over their "
+    p = argparse.ArgumentParser(prog="ddpo-bench",
+                                description="Measure the sampler's and the trainer's overhead over their "
                                 "baselines on the tiny pipeline, where an epoch's time goes, and its peak memory.")
     p.add_argument("--small", action="store_true", help="shrink every size (a smoke test of about a minute)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of each side (default 5)")
@@ -554,8 +578,10 @@ def main(argv:list[str]|None=None) -> int:
     a = p.parse_args(argv)
     if a.repeats < 5: p.error(f"--repeats {a.repeats}: medians need at least 5 timed repeats")
     _check_positive(p, a, ("threads", "batch_size", "steps", "samples", "train_batch_size"))
-    if a.eta is not None and not a.eta > 0: p.error(f"--eta {a.eta}: must be > 0 (the DDIM step needs noise for a log-probability)")
-    default = SMALL["training"] if a.small else {k: v.default for k, v in inspect.signature(bench_training).parameters.items()}
+    if a.eta is not None and not a.eta > 0:
+        p.error(f"--eta {a.eta}: must be > 0 (the DDIM step needs noise for a log-probability)")
+    defaults = {k: v.default for k, v in inspect.signature(bench_training).parameters.items()}
+    default = SMALL["training"] if a.small else defaults
     samples, tb = a.samples or default["samples"], a.train_batch_size or default["batch_size"]
     if samples % tb: p.error(f"--samples {samples} is not divisible by --train-batch-size {tb}")
     if a.threads: torch.set_num_threads(a.threads)
@@ -570,7 +596,8 @@ def main(argv:list[str]|None=None) -> int:
         return 0
     pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}
     res = run_benchmarks(small=a.small, repeats=a.repeats, warmup=a.warmup, lora=not a.no_lora,
-                         sampling=pick(batch_size=a.batch_size, num_steps=a.steps, guidance_scale=a.guidance, eta=a.eta),
+                         sampling=pick(batch_size=a.batch_size, num_steps=a.steps, guidance_scale=a.guidance,
+                                       eta=a.eta),
                          training=pick(samples=a.samples, batch_size=a.train_batch_size, num_steps=a.steps),
                          progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(res))

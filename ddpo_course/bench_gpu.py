@@ -20,21 +20,26 @@ __all__ = ['SD15', 'PEAK_BF16_TFLOPS', 'sd15_pipeline', 'peak_bf16_tflops', 'gpu
 
 # %% ../nbs/91_gpu_benchmark.ipynb #8b2ae089
 SD15 = dict(   # Stable Diffusion 1.5's published configurations (sizes only)
-    unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+              block_out_channels=(320, 640, 1280, 1280),
               down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
               up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
               cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
-    vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+             block_out_channels=(128, 256, 512, 512),
              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
              norm_num_groups=32, sample_size=512, scaling_factor=0.18215),
-    text_encoder=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    text_encoder=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                      num_attention_heads=12,
                       max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
                       bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
 
 def sd15_pipeline(resolution:int=512, # image height and width, a multiple of 64
                   seed:int=0) -> StableDiffusionPipeline:
     "Stable Diffusion 1.5's architecture with random weights: for measuring speed, not for making images."
-    if resolution % 64: raise ValueError(f"resolution={resolution}: use a multiple of 64 (the UNet downsamples the 1/8-size latent 3 times)")
+    if resolution % 64:
+        raise ValueError(f"resolution={resolution}: use a multiple of 64 "
+                         "(the UNet downsamples the 1/8-size latent 3 times)")
     return build_pipeline({**SD15["unet"], "sample_size": resolution // 8}, {**SD15["vae"], "sample_size": resolution},
                           SD15["text_encoder"], seed)
 
@@ -51,12 +56,13 @@ def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "t
                    resolution:int=512, # image height and width
                    num_steps:int=50, # T, with guidance
                    samples:int=32, # trajectories per measured epoch
-                   sample_batch:int=16, train_batch:int=16, # per-process batch sizes (16: the fastest measured on an H100)
+                   sample_batch:int=16,
+                   train_batch:int=16, # per-process batch sizes (16: the fastest measured on an H100)
                    modes:tuple=("full", "lora"), lora_rank:int=4,
                    mixed_precision:str="bf16", gradient_checkpointing:bool=False,
                    repeats:int=3, # measured epochs per mode, after one warm-up epoch
                    peak_tflops:float|None=None, # the device's peak rate; None looks it up by name
-                   reward:str="brightness", # no model: the figures are DDPO's own work (the toy rewards are 32x32 models)
+                   reward:str="brightness", # no model: the figures are DDPO's own work (the toy rewards are 32x32 nets)
                    overrides:list[str]=(), # more config overrides, for trying settings
                    progress=print) -> dict:
     "Sampling and training throughput, seconds per trajectory, peak memory and MFU of the trainer, per mode."
@@ -67,13 +73,15 @@ def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "t
     if resolution % step: raise ValueError(f"resolution={resolution}: {model} needs a multiple of {step}")
     for name, b in (("sample_batch", sample_batch), ("train_batch", train_batch)):
         if b < 1 or samples % b: raise ValueError(f"{name}={b}: must be a positive divisor of samples={samples}")
-    if mixed_precision not in ("no", "bf16", "fp16"): raise ValueError(f"mixed_precision={mixed_precision!r}: use 'no', 'bf16' or 'fp16'")
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision={mixed_precision!r}: use 'no', 'bf16' or 'fp16'")
     cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_tflops or peak_bf16_tflops(name)
     out = dict(machine=machine_info(), model=model, resolution=resolution, num_steps=num_steps, samples=samples,
                sample_batch=sample_batch, train_batch=train_batch, mixed_precision=mixed_precision,
-               gradient_checkpointing=gradient_checkpointing, peak_tflops=peak, reward=reward, overrides=list(overrides), modes=[])
+               gradient_checkpointing=gradient_checkpointing, peak_tflops=peak, reward=reward,
+               overrides=list(overrides), modes=[])
     with tempfile.TemporaryDirectory() as d:
         progress(f"building {model} at {resolution}x{resolution}...")
         pipe = sd15_pipeline(resolution) if model == "sd15" else tiny_pipeline(latent_size=resolution // 2)
@@ -83,7 +91,8 @@ def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "t
             tr = _bench_trainer(f"{d}/run-{mode}", [
                 f"model.name={d}/model", f"model.mixed_precision={mixed_precision}", f"model.lora={mode == 'lora'}",
                 f"model.lora_rank={lora_rank}", f"model.gradient_checkpointing={gradient_checkpointing}",
-                f"sample.num_steps={num_steps}", f"sample.samples_per_epoch={samples}", f"sample.batch_size={sample_batch}",
+                f"sample.num_steps={num_steps}", f"sample.samples_per_epoch={samples}",
+                f"sample.batch_size={sample_batch}",
                 f"train.batch_size={train_batch}", "train.timestep_fraction=1.0", "train.inner_epochs=1",
                 f"reward.name={reward}", "reward.monitor=[]", *overrides])
             unet = tr.acc.unwrap_model(tr.unet)
@@ -96,12 +105,15 @@ def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "t
                     times.append(time_epoch(tr, e))
                 return times[1:]
             times, mem = measure_peak_rss(epochs)
-            sample_s, train_s = statistics.median(t["sampling_s"] for t in times), statistics.median(t["training_s"] for t in times)
+            sample_s = statistics.median(t["sampling_s"] for t in times)
+            train_s = statistics.median(t["training_s"] for t in times)
             row = dict(mode=mode, sample_s=[t["sampling_s"] for t in times], train_s=[t["training_s"] for t in times],
                        images_per_s=samples / sample_s, trajectories_per_s=samples / train_s,
                        s_per_trajectory=(sample_s + train_s) / samples,
-                       unet_tflop_per_trajectory=dict(sampling=num_steps * fwd / 1e12, training=num_steps * fwd_bwd / 1e12),
-                       peak_memory_gib=(torch.cuda.max_memory_allocated() if cuda else mem["peak_rss_mb"] * 2**20) / 2**30,
+                       unet_tflop_per_trajectory=dict(sampling=num_steps * fwd / 1e12,
+                                                      training=num_steps * fwd_bwd / 1e12),
+                       peak_memory_gib=(torch.cuda.max_memory_allocated() if cuda else mem["peak_rss_mb"] * 2**20)
+                                       / 2**30,
                        memory_kind="GPU, allocated" if cuda else "CPU, resident set")
             row["mfu"] = None if not peak else dict(
                 sampling=row["images_per_s"] * num_steps * fwd / (peak * 1e12),
@@ -114,16 +126,20 @@ def gpu_throughput(model:str="sd15", # "sd15" (Stable Diffusion 1.5 sizes) or "t
 def format_gpu_table(r:dict) -> str:
     "The figures of `gpu_throughput` as one text table."
     m = r["machine"]
-    lines = [f"{r['model']} at {r['resolution']}x{r['resolution']}, {r['num_steps']} steps with guidance, {r['samples']} trajectories "
+    lines = [f"{r['model']} at {r['resolution']}x{r['resolution']}, {r['num_steps']} steps with guidance, "
+             f"{r['samples']} trajectories "
              f"(sampling batch {r['sample_batch']}, training batch {r['train_batch']}), {r['mixed_precision']}, "
              f"on {m['gpu'] or m['cpu']}; torch {m['torch']}, diffusers {m['diffusers']}",
-             f"{'mode':<6}{'sampling img/s':>16}{'training traj/s':>17}{'s/trajectory':>14}{'peak mem GiB':>14}{'MFU sample':>12}{'MFU train':>11}"]
+             f"{'mode':<6}{'sampling img/s':>16}{'training traj/s':>17}{'s/trajectory':>14}{'peak mem GiB':>14}"
+             f"{'MFU sample':>12}{'MFU train':>11}"]
     for row in r["modes"]:
         mfu = row["mfu"] or {}
         pct = lambda k: f"{100 * mfu[k]:.1f}%" if k in mfu else "n/a"
-        lines.append(f"{row['mode']:<6}{row['images_per_s']:>16.3f}{row['trajectories_per_s']:>17.3f}{row['s_per_trajectory']:>14.3f}"
+        lines.append(f"{row['mode']:<6}{row['images_per_s']:>16.3f}{row['trajectories_per_s']:>17.3f}"
+                     f"{row['s_per_trajectory']:>14.3f}"
                      f"{row['peak_memory_gib']:>14.2f}{pct('sampling'):>12}{pct('training'):>11}")
-    lines.append("reference: ddpo-pytorch, about 4.5 A100-seconds per trajectory (LoRA); target here: at most 1.0 s per trajectory on one H100")
+    lines.append("reference: ddpo-pytorch, about 4.5 A100-seconds per trajectory (LoRA); target here: at most 1.0 s "
+                 "per trajectory on one H100")
     return "\n".join(lines)
 
 # %% ../nbs/91_gpu_benchmark.ipynb #84eb550b
@@ -131,7 +147,8 @@ def main(argv:list[str]|None=None) -> int:
     "Entry point of `ddpo-bench-gpu`."
     p = argparse.ArgumentParser(prog="ddpo-bench-gpu", description="Throughput, memory and MFU of the DDPO trainer on "
                                 "Stable Diffusion 1.5's architecture (random weights, no download).")
-    p.add_argument("--model", default="sd15", choices=["sd15", "tiny"], help="sd15, or tiny for a smoke test (default sd15)")
+    p.add_argument("--model", default="sd15", choices=["sd15", "tiny"],
+                   help="sd15, or tiny for a smoke test (default sd15)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--samples", type=int, default=32, help="trajectories per measured epoch")
@@ -142,8 +159,10 @@ def main(argv:list[str]|None=None) -> int:
     p.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="measured epochs per mode after a warm-up epoch")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s (default: looked up by name)")
-    p.add_argument("--reward", default="brightness", help="the trained reward (default brightness: no model, so the figures are DDPO's own)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak bf16 TFLOP/s (default: looked up by name)")
+    p.add_argument("--reward", default="brightness",
+                   help="the trained reward (default brightness: no model, so the figures are DDPO's own)")
     p.add_argument("overrides", nargs="*", help="more config overrides, e.g. train.batch_size=8")
     p.add_argument("--out", default="bench-gpu.json")
     a = p.parse_args(argv)
@@ -152,8 +171,10 @@ def main(argv:list[str]|None=None) -> int:
     try:
         res = gpu_throughput(model=a.model, resolution=a.resolution, num_steps=a.steps, samples=a.samples,
                              sample_batch=a.sample_batch, train_batch=a.train_batch, modes=tuple(a.modes.split(",")),
-                             lora_rank=a.lora_rank, mixed_precision=a.precision, gradient_checkpointing=a.gradient_checkpointing,
-                             repeats=a.repeats, peak_tflops=a.peak_tflops, reward=a.reward, overrides=a.overrides, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                             lora_rank=a.lora_rank, mixed_precision=a.precision,
+                             gradient_checkpointing=a.gradient_checkpointing,
+                             repeats=a.repeats, peak_tflops=a.peak_tflops, reward=a.reward, overrides=a.overrides,
+                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     except (ValueError, ConfigError) as e: p.error(str(e))
     print(format_gpu_table(res))
     Path(a.out).write_text(json.dumps(res, indent=1))

@@ -39,7 +39,7 @@ class ModelConfig:
     lora_rank: int = 4                 # LoRA rank r
     lora_alpha: float|None = None      # LoRA scale numerator; None means = rank
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    channels_last: bool = False       # UNet weights in channels-last memory format: the same math on other convolution kernels
+    channels_last: bool = False       # UNet weights in channels-last memory format: the same math, other kernels
     compile: str = "no"                # "no", or a torch.compile mode for the UNet ("default", "max-autotune", ...)
     allow_tf32: bool = True            # TF32 matmuls on Ampere and newer GPUs
 
@@ -50,28 +50,28 @@ class SampleConfig:
     eta: float = 1.0                   # DDIM noise scale, > 0
     samples_per_epoch: int = 32        # trajectories per epoch, over all processes
     batch_size: int = 16               # trajectories per sampling batch, per process
-    images_per_prompt: int = 1         # k: each drawn prompt is sampled k times in the same epoch (a group; see train.advantages)
+    images_per_prompt: int = 1         # k: each drawn prompt is sampled k times in an epoch (a group; train.advantages)
 
 @dataclass
 class RewardConfig:
     name: RewardName = "brightness"        # a key of ddpo_course.rewards.REWARDS
     tiny: bool = True                  # tiny random-weight reward models (offline); False loads real weights
     prompts: PromptSetName|str = "common_animals"    # a prompt set (ddpo_course.prompts.PROMPT_SETS) or a text file
-    monitor: list = field(default_factory=list)  # other rewards logged beside it every epoch, never optimised (e.g. [gold, alignment])
-    heldout: PromptSetName|str|None = None      # a prompt set or file never trained on: scored (reward and monitors) at each evaluation
-    overlap: str = "auto"             # score batch k in a thread while batch k+1 samples: true, false, or auto (on a GPU only)
+    monitor: list = field(default_factory=list)  # rewards logged each epoch, never optimised: [gold, alignment]
+    heldout: PromptSetName|str|None = None  # prompts never trained on: scored (reward, monitors) at each evaluation
+    overlap: str = "auto"              # score batch k in a thread while k+1 samples: true, false, or auto (GPU only)
     heldout_samples: int = 16          # held-out samples per evaluation (the prompts in turn, from run.eval_seed)
 
 @dataclass
 class TrainConfig:
     epochs: int = 30                   # sampling + training rounds
     batch_size: int = 8                # trajectories per minibatch, per process
-    gradient_accumulation: int = 1     # minibatches per optimizer step, per process (left at 1 when global_batch_size is set)
-    global_batch_size: int|None = None # trajectories per optimizer step over all processes; set, the recipe is the same at any GPU count
+    gradient_accumulation: int = 1     # minibatches per optimizer step, per process (1 when global_batch_size is set)
+    global_batch_size: int|None = None # trajectories per optimizer step over all processes: the recipe at any GPU count
     inner_epochs: int = 1              # passes over each epoch's samples
     timestep_fraction: float = 1.0     # fraction of each trajectory's steps trained on, in (0, 1]
-    timesteps: TimestepChoice = "random"        # which steps: "random" (a random fraction of each trajectory's, as DDPO) or "first" (the noisiest)
-    timesteps_per_call: str = "auto"   # trained timesteps batched into one UNet call: auto, all, or a divisor of them (same gradient)
+    timesteps: TimestepChoice = "random"  # "random" (a random share of each trajectory's, as DDPO), "first" (noisiest)
+    timesteps_per_call: str = "auto"   # trained timesteps per UNet call: auto, all, or a divisor (the same gradient)
     learning_rate: float = 3e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -80,13 +80,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0         # gradient-norm clip
     clip_range: float = 1e-4           # PPO ratio clip ε (per-dimension, see lesson 04)
     adv_clip_max: float = 5.0          # advantage clip
-    method: Method = "is"        # "is" (clipped importance sampling), "sf" (REINFORCE) or "nft" (DiffusionNFT, lesson 04)
-    nft_beta: float = 1.0              # nft: β, how far the implicit positive and negative policies sit from the sampling one
-    nft_t_min: int = 0                 # nft: the smallest noise level drawn, t ~ U{nft_t_min..999}; higher trains only the noisier levels
-    advantages: Baseline = "per_prompt"     # baseline: "per_prompt" (buffer of recent rewards), "group" (this epoch's k samples), "batch"
+    method: Method = "is"              # "is" (clipped importance sampling), "sf" (REINFORCE), "nft" (DiffusionNFT)
+    nft_beta: float = 1.0              # nft: β, how far the implicit good and bad policies are from the sampler
+    nft_t_min: int = 0                 # nft: the smallest noise level drawn, t ~ U{nft_t_min..999}; higher: noisier
+    advantages: Baseline = "per_prompt"  # "per_prompt" (buffer of recent rewards), "group" (epoch's k samples), "batch"
     kl_coef: float = 0.0               # β of the KL penalty to the pretrained model (DPOK); kl_ref is logged even at 0
-    log_kl_ref: bool = True            # at kl_coef 0, estimate kl_ref anyway (a reference copy, one more no-grad UNet call per minibatch)
-    shuffle_advantages: bool = False   # the control run: advantages shuffled within each optimizer step, nothing else changed
+    log_kl_ref: bool = True            # at kl_coef 0, log kl_ref anyway (a reference copy, a no-grad call/minibatch)
+    shuffle_advantages: bool = False   # the control: advantages shuffled within each optimizer step, nothing else
     stat_buffer_size: int = 32
     stat_min_count: int = 16
 
@@ -103,8 +103,8 @@ class RunConfig:
     eval_seed: int = 1234              # seeds the evaluation images, the same at every evaluation
     trackers: list = field(default_factory=lambda: ["auto"])  # "tensorboard", "wandb", "auto" (those installed), or []
     progress: bool = True              # progress bars on the main process
-    record_weights: bool = False       # per-rank checksums of the weights after every optimizer step, and of each epoch's draws
-    snr_every: int = 0                 # epochs between measurements of the gradient's signal-to-noise per step (lesson 04); 0: never
+    record_weights: bool = False       # per-rank checksums of the weights after every step, and of each epoch's draws
+    snr_every: int = 0                 # epochs between measurements of the gradient's signal-to-noise; 0: never
     allow_config_change: bool = False  # let run.resume continue with a configuration that changes the run's meaning
 
 @dataclass
@@ -151,7 +151,8 @@ def _coerce(path:str, value, typ):
         raise ConfigError(f"{path}={value!r}: expected a number")
     if base == "str":
         if isinstance(value, (str, int, float)) and not isinstance(value, bool): return str(value)
-        hint = ' (YAML reads an unquoted no, off, yes or on as true/false: quote it, e.g. "no")' if isinstance(value, bool) else ""
+        hint = (' (YAML reads an unquoted no, off, yes or on as true/false: quote it, e.g. "no")'
+                if isinstance(value, bool) else "")
         raise ConfigError(f"{path}={value!r}: expected a string{hint}")
     if base == "list":
         if isinstance(value, (list, tuple)): return list(value)
@@ -160,24 +161,29 @@ def _coerce(path:str, value, typ):
     return value
 
 def _section_types(section:str) -> dict:
-    cls = {"model": ModelConfig, "sample": SampleConfig, "reward": RewardConfig, "train": TrainConfig, "run": RunConfig}[section]
+    cls = {"model": ModelConfig, "sample": SampleConfig, "reward": RewardConfig, "train": TrainConfig,
+           "run": RunConfig}[section]
     return {f.name: f.type for f in dataclasses.fields(cls)}
 
-_RENAMED = {"train.per_prompt_stats": "train.advantages ('per_prompt', 'group' or 'batch'); per_prompt_stats=false is advantages=batch"}
+_RENAMED = {"train.per_prompt_stats":
+            "train.advantages ('per_prompt', 'group' or 'batch'); per_prompt_stats=false is advantages=batch"}
 
 def config_from_dict(d:dict) -> Config:
     "A `Config` from nested dicts (as read from YAML); missing fields keep their defaults."
     cfg = Config()
     for section, values in (d or {}).items():
-        if section not in _SECTIONS: raise ConfigError(f"unknown section {section!r}; sections are {', '.join(_SECTIONS)}")
-        if not isinstance(values, dict): raise ConfigError(f"section {section!r} must be a mapping of fields, got {values!r}")
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section {section!r}; sections are {', '.join(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of fields, got {values!r}")
         for key, value in values.items(): set_field(cfg, f"{section}.{key}", value)
     return cfg
 
 def set_field(cfg:Config, path:str, value):
     "Set `section.field` of `cfg` to `value`, checked against the field's type."
     section, _, key = path.partition(".")
-    if section not in _SECTIONS: raise ConfigError(f"{path}: unknown section {section!r}; sections are {', '.join(_SECTIONS)}")
+    if section not in _SECTIONS:
+        raise ConfigError(f"{path}: unknown section {section!r}; sections are {', '.join(_SECTIONS)}")
     types = _section_types(section)
     if path in _RENAMED: raise ConfigError(f"{path} was replaced by {_RENAMED[path]}")
     if key not in types: raise ConfigError(f"{path}: unknown field; {section} has {', '.join(types)}")
@@ -219,7 +225,8 @@ def load_config(source:str|None=None, # a preset name, a YAML file, or None for 
 
 def preset_description(name:str) -> str:
     "The comment at the top of a preset's YAML file: what it reproduces, at which GPU count, and where it differs."
-    if name not in preset_names(): raise ConfigError(f"{name!r} is not a preset; presets are {', '.join(preset_names())}")
+    if name not in preset_names():
+        raise ConfigError(f"{name!r} is not a preset; presets are {', '.join(preset_names())}")
     lines = files("ddpo_course").joinpath("presets", f"{name}.yaml").read_text().splitlines()
     head = [l[1:].strip() for l in lines[:next(i for i, l in enumerate(lines) if not l.startswith("#"))]]
     return "\n".join(head)
@@ -229,8 +236,10 @@ TRACKERS = ("tensorboard", "wandb", "auto")
 
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-RESUMABLE = {"train.epochs", "model.compile", "train.log_kl_ref", "reward.monitor", "reward.heldout", "reward.heldout_samples", "reward.overlap"} | {
-    f"run.{f.name}" for f in dataclasses.fields(RunConfig) if f.name != "seed"}   # what a resume may change: length, logging, kernels
+RESUMABLE = {"train.epochs", "model.compile", "train.log_kl_ref", "reward.monitor", "reward.heldout",
+             "reward.heldout_samples", "reward.overlap"} | {
+    # what a resume may change: length, logging, kernels
+    f"run.{f.name}" for f in dataclasses.fields(RunConfig) if f.name != "seed"}
 
 def config_changes(saved:dict, new:dict) -> list[str]:
     "'section.field: old -> new' for each field outside `RESUMABLE` that differs between two config dicts."
@@ -248,12 +257,12 @@ def trained_steps(cfg:Config) -> int:
     return max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
 
 def timesteps_per_call(cfg:Config, cuda:bool) -> int:
-    "How many trained timesteps go through the UNet in one call. `auto`: all of them on a CPU (measured faster, lesson 90), one on a GPU (memory)."
+    "Trained timesteps per UNet call. `auto`: all of them on a CPU (measured faster, lesson 90), one on a GPU (memory)."
     k = str(cfg.train.timesteps_per_call).lower()
     return trained_steps(cfg) if k == "all" or (k == "auto" and not cuda) else 1 if k == "auto" else int(k)
 
 def minibatches_per_step(cfg:Config, num_processes:int=1) -> int:
-    "Minibatches each process accumulates per optimizer step: `train.gradient_accumulation`, or derived from `train.global_batch_size`."
+    "Minibatches each process accumulates per optimizer step: `gradient_accumulation`, or from `global_batch_size`."
     g = cfg.train.global_batch_size
     return cfg.train.gradient_accumulation if g is None else g // (cfg.train.batch_size * num_processes)
 
@@ -262,23 +271,27 @@ def _global_batch_hint(cfg:Config, num_processes:int) -> str:
     g, b = cfg.train.global_batch_size, cfg.train.batch_size
     fits = [d for d in range(b - 1, 0, -1) if g % (d * num_processes) == 0]
     if fits: return f"with {num_processes} process(es) set train.batch_size={fits[0]} (the global batch stays {g})"
-    return (f"{g} trajectories cannot be shared by {num_processes} processes: run on fewer processes, or choose a larger "
+    return (f"{g} trajectories cannot be shared by {num_processes} processes: run on fewer processes, "
+            "or choose a larger "
             f"global batch (a different recipe: fewer optimizer steps per epoch)")
 
 def validate(cfg:Config, num_processes:int=1) -> Config:
     "Raise a `ConfigError` for the first value that cannot work; return `cfg` otherwise."
     s, t, r, m, run = cfg.sample, cfg.train, cfg.reward, cfg.model, cfg.run
-    if not s.eta > 0: _err("sample.eta", s.eta, "must be > 0 (the step's log-probability is undefined at eta <= 0); 1.0 is usual")
+    if not s.eta > 0:
+        _err("sample.eta", s.eta, "must be > 0 (the step's log-probability is undefined at eta <= 0); 1.0 is usual")
     if s.num_steps < 1: _err("sample.num_steps", s.num_steps, "must be a positive integer")
     if not t.clip_range > 0: _err("train.clip_range", t.clip_range, "must be > 0, e.g. 1e-4")
     if not t.adv_clip_max > 0: _err("train.adv_clip_max", t.adv_clip_max, "must be > 0, e.g. 5")
     if not 0 < t.timestep_fraction <= 1: _err("train.timestep_fraction", t.timestep_fraction, "must be in (0, 1]")
     if t.timesteps not in get_args(TimestepChoice):
-        _err("train.timesteps", t.timesteps, "use 'random' (a random fraction of each trajectory's steps) or 'first' (the noisiest steps)")
+        _err("train.timesteps", t.timesteps,
+             "use 'random' (a random fraction of each trajectory's steps) or 'first' (the noisiest steps)")
     if run.snr_every < 0: _err("run.snr_every", run.snr_every, "must be >= 0 (0 never measures)")
     k, n = str(t.timesteps_per_call).lower(), trained_steps(cfg)
     if k not in ("auto", "all") and not (k.isdigit() and int(k) >= 1 and n % int(k) == 0):
-        _err("train.timesteps_per_call", t.timesteps_per_call, f"use auto, all, or a positive divisor of the {n} trained timesteps "
+        _err("train.timesteps_per_call", t.timesteps_per_call,
+             f"use auto, all, or a positive divisor of the {n} trained timesteps "
              f"per trajectory (sample.num_steps x train.timestep_fraction)")
     if not t.learning_rate > 0: _err("train.learning_rate", t.learning_rate, "must be > 0")
     for path, v in (("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size), ("train.epochs", t.epochs),
@@ -287,53 +300,75 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
                     ("run.eval_every", run.eval_every), ("run.keep_checkpoints", run.keep_checkpoints)):
         if v < 1: _err(path, v, "must be a positive integer")
     per_process, rem = divmod(s.samples_per_epoch, num_processes)
-    if rem: _err("sample.samples_per_epoch", s.samples_per_epoch, f"must be divisible by the number of processes ({num_processes})")
+    if rem:
+        _err("sample.samples_per_epoch", s.samples_per_epoch,
+             f"must be divisible by the number of processes ({num_processes})")
     if per_process % s.batch_size:
-        _err("sample.batch_size", s.batch_size, f"must divide the samples per process ({s.samples_per_epoch} / {num_processes} = {per_process})")
+        _err("sample.batch_size", s.batch_size,
+             f"must divide the samples per process ({s.samples_per_epoch} / {num_processes} = {per_process})")
     if per_process % t.batch_size:
-        _err("train.batch_size", t.batch_size, f"must divide the samples per process ({s.samples_per_epoch} / {num_processes} = {per_process})")
+        _err("train.batch_size", t.batch_size,
+             f"must divide the samples per process ({s.samples_per_epoch} / {num_processes} = {per_process})")
     if t.global_batch_size is not None:
         g = t.global_batch_size
         if t.gradient_accumulation != 1:
-            _err("train.gradient_accumulation", t.gradient_accumulation, f"is derived from train.global_batch_size ({g}) when that is set: "
+            _err("train.gradient_accumulation", t.gradient_accumulation,
+                 f"is derived from train.global_batch_size ({g}) when that is set: "
                  "leave it at 1, or set train.global_batch_size=null to give accumulation per process")
         if g < 1: _err("train.global_batch_size", g, "must be a positive integer, or null")
         if g % (t.batch_size * num_processes):
-            _err("train.global_batch_size", g, f"must be a multiple of train.batch_size x processes ({t.batch_size} x {num_processes}); "
+            _err("train.global_batch_size", g,
+                 f"must be a multiple of train.batch_size x processes ({t.batch_size} x {num_processes}); "
                  + _global_batch_hint(cfg, num_processes))
         if s.samples_per_epoch % g:
-            _err("train.global_batch_size", g, f"must divide sample.samples_per_epoch ({s.samples_per_epoch}), so an epoch is whole optimizer steps")
+            _err("train.global_batch_size", g,
+                 f"must divide sample.samples_per_epoch ({s.samples_per_epoch}), so an epoch is whole optimizer steps")
     elif (per_process // t.batch_size) % t.gradient_accumulation:
-        _err("train.gradient_accumulation", t.gradient_accumulation, f"must divide the minibatches per process ({per_process // t.batch_size})")
+        _err("train.gradient_accumulation", t.gradient_accumulation,
+             f"must divide the minibatches per process ({per_process // t.batch_size})")
     if t.method not in get_args(Method):
-        _err("train.method", t.method, "use 'is' (clipped importance sampling), 'sf' (REINFORCE) or 'nft' (DiffusionNFT)")
+        _err("train.method", t.method,
+             "use 'is' (clipped importance sampling), 'sf' (REINFORCE) or 'nft' (DiffusionNFT)")
     if t.method == "sf":
         g = minibatches_per_step(cfg, num_processes) * t.batch_size * num_processes   # trajectories per optimizer step
         steps = s.samples_per_epoch // g * t.inner_epochs
         if steps != 1:
-            _err("train.method", t.method, f"is REINFORCE, which is on-policy: its epoch must be one optimizer step, but this one takes "
-                 f"{steps} ({s.samples_per_epoch // g} of {g} samples x train.inner_epochs={t.inner_epochs}), and every step after "
-                 f"the first would reuse samples drawn by older weights; set train.global_batch_size={s.samples_per_epoch} and "
+            _err("train.method", t.method,
+                 f"is REINFORCE, which is on-policy: its epoch must be one optimizer step, but this one takes "
+                 f"{steps} ({s.samples_per_epoch // g} of {g} samples x train.inner_epochs={t.inner_epochs}), "
+                 "and every step after "
+                 "the first would reuse samples drawn by older weights; set "
+                 f"train.global_batch_size={s.samples_per_epoch} and "
                  "train.inner_epochs=1, or use train.method=is, whose clipped ratio corrects for the reuse")
     if t.method == "nft":
         if not t.nft_beta > 0: _err("train.nft_beta", t.nft_beta, "must be > 0; 1.0 is usual")
         if not 0 <= t.nft_t_min < 1000:
-            _err("train.nft_t_min", t.nft_t_min, "must be a timestep in [0, 999]: 0 draws every noise level, e.g. 700 only the noisiest 30%")
-        if t.kl_coef: _err("train.kl_coef", t.kl_coef, "is a penalty on DDPO's reverse steps; train.method=nft has none: set it to 0")
+            _err("train.nft_t_min", t.nft_t_min,
+                 "must be a timestep in [0, 999]: 0 draws every noise level, e.g. 700 only the noisiest 30%")
+        if t.kl_coef:
+            _err("train.kl_coef", t.kl_coef,
+                 "is a penalty on DDPO's reverse steps; train.method=nft has none: set it to 0")
         if t.timesteps != "random":
-            _err("train.timesteps", t.timesteps, "selects DDPO's denoising steps; train.method=nft noises each final image at "
+            _err("train.timesteps", t.timesteps,
+                 "selects DDPO's denoising steps; train.method=nft noises each final image at "
                  "random levels instead: leave it at 'random' (train.timestep_fraction still sets the draws per image)")
     if s.images_per_prompt < 1: _err("sample.images_per_prompt", s.images_per_prompt, "must be a positive integer")
     if per_process % s.images_per_prompt:
-        _err("sample.images_per_prompt", s.images_per_prompt, f"must divide the samples per process ({per_process}), so no group is split between processes")
+        _err("sample.images_per_prompt", s.images_per_prompt,
+             f"must divide the samples per process ({per_process}), so no group is split between processes")
     if t.advantages not in get_args(Baseline):
-        _err("train.advantages", t.advantages, "use 'per_prompt' (buffer of recent rewards), 'group' (needs sample.images_per_prompt >= 2) or 'batch'")
+        _err("train.advantages", t.advantages,
+             "use 'per_prompt' (buffer of recent rewards), 'group' (needs sample.images_per_prompt >= 2) or 'batch'")
     if t.advantages == "group" and s.images_per_prompt < 2:
-        _err("train.advantages", t.advantages, f"needs groups: set sample.images_per_prompt >= 2 (it is {s.images_per_prompt})")
-    if not (t.kl_coef >= 0 and t.kl_coef < float("inf")): _err("train.kl_coef", t.kl_coef, "must be a finite number >= 0 (0 disables the penalty)")
+        _err("train.advantages", t.advantages,
+             f"needs groups: set sample.images_per_prompt >= 2 (it is {s.images_per_prompt})")
+    if not (t.kl_coef >= 0 and t.kl_coef < float("inf")):
+        _err("train.kl_coef", t.kl_coef, "must be a finite number >= 0 (0 disables the penalty)")
     if t.advantages == "per_prompt" and not 1 <= t.stat_min_count <= t.stat_buffer_size:
-        _err("train.stat_min_count", t.stat_min_count, f"must be between 1 and train.stat_buffer_size ({t.stat_buffer_size})")
-    if m.mixed_precision not in get_args(Precision): _err("model.mixed_precision", m.mixed_precision, "use 'no', 'bf16' or 'fp16'")
+        _err("train.stat_min_count", t.stat_min_count,
+             f"must be between 1 and train.stat_buffer_size ({t.stat_buffer_size})")
+    if m.mixed_precision not in get_args(Precision):
+        _err("model.mixed_precision", m.mixed_precision, "use 'no', 'bf16' or 'fp16'")
     if m.compile not in COMPILE_MODES:
         _err("model.compile", m.compile, f"use 'no' (eager) or a torch.compile mode: {', '.join(COMPILE_MODES[1:])}")
     if m.lora and m.lora_rank < 1: _err("model.lora_rank", m.lora_rank, "must be a positive integer")
@@ -343,14 +378,19 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     for path, v in (("reward.prompts", r.prompts), ("reward.heldout", r.heldout)):
         if v is not None and v not in PROMPT_SETS and not Path(v).expanduser().is_file():
             _err(path, v, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
-        if v == "pickapic" and not _importable("datasets"): _err(path, v, f"needs the datasets package: {PICKAPIC_EXTRA}")
-    if r.heldout is not None and "pickapic" not in (r.prompts, r.heldout):      # (Pick-a-Pic's prompts come from the hub)
+        if v == "pickapic" and not _importable("datasets"):
+            _err(path, v, f"needs the datasets package: {PICKAPIC_EXTRA}")
+    # (Pick-a-Pic's prompts come from the hub)
+    if r.heldout is not None and "pickapic" not in (r.prompts, r.heldout):
         shared = sorted(set(get_prompts(r.prompts)) & set(get_prompts(r.heldout)))
         if shared:
-            _err("reward.heldout", r.heldout, f"shares {len(shared)} prompt(s) with reward.prompts={r.prompts!r} (e.g. {shared[0]!r}), "
-                 "so it is not held out; use a set disjoint from the trained one (heldout_animals beside common_animals, "
+            _err("reward.heldout", r.heldout,
+                 f"shares {len(shared)} prompt(s) with reward.prompts={r.prompts!r} (e.g. {shared[0]!r}), "
+                 "so it is not held out; use a set disjoint from the trained one "
+                 "(heldout_animals beside common_animals, "
                  "shapes_heldout beside the shape sets), or remove the shared lines from your file")
-    if str(r.overlap).lower() not in ("auto", "true", "false"): _err("reward.overlap", r.overlap, "use auto, true or false")
+    if str(r.overlap).lower() not in ("auto", "true", "false"):
+        _err("reward.overlap", r.overlap, "use auto, true or false")
     if r.heldout_samples < 1: _err("reward.heldout_samples", r.heldout_samples, "must be a positive integer")
     bad = [k for k in run.trackers if k not in TRACKERS]
     if bad: _err("run.trackers", run.trackers, f"unknown tracker {bad[0]!r}; use any of {', '.join(TRACKERS)}, or []")
@@ -358,13 +398,19 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     except FileNotFoundError as e: raise ConfigError(f"model.name={m.name!r}: {e}") from None
     if run.resume and run.overwrite: _err("run.overwrite", True, "cannot be combined with run.resume=true; choose one")
     d = Path(run.dir).expanduser()
-    if not run.resume and not run.overwrite and d.exists() and any((d/f).exists() for f in ("config.yaml", "metrics.jsonl", "checkpoints")):
-        _err("run.dir", run.dir, "already holds a run; set run.resume=true to continue it, run.overwrite=true to replace it, or choose another folder")
+    holds_run = any((d/f).exists() for f in ("config.yaml", "metrics.jsonl", "checkpoints"))
+    if not run.resume and not run.overwrite and d.exists() and holds_run:
+        _err("run.dir", run.dir,
+             "already holds a run; set run.resume=true to continue it, run.overwrite=true to replace it, "
+             "or choose another folder")
     if run.resume and not (d/"checkpoints").is_dir():
-        _err("run.resume", True, f"but {d} has no checkpoints folder to resume from; start a new run with run.resume=false")
+        _err("run.resume", True,
+             f"but {d} has no checkpoints folder to resume from; start a new run with run.resume=false")
     if run.resume and not run.allow_config_change and (d/"config.yaml").exists():
         changed = config_changes(yaml.safe_load((d/"config.yaml").read_text()), config_to_dict(cfg))
         if changed:
-            raise ConfigError(f"run.resume=true would continue {d} with a different configuration: {'; '.join(changed)}. Resume with "
-                              f"the saved one (ddpo-train {d/'config.yaml'} run.resume=true), or set run.allow_config_change=true")
+            raise ConfigError(f"run.resume=true would continue {d} with a different configuration: "
+                              f"{'; '.join(changed)}. Resume with "
+                              f"the saved one (ddpo-train {d/'config.yaml'} run.resume=true), or set "
+                              "run.allow_config_change=true")
     return cfg

@@ -38,15 +38,18 @@ def fetch_file(url:str, # where to download from (http, https or file)
             tmp.unlink(missing_ok=True)
             raise FileNotFoundError(
                 f"{path.name} is not in {path.parent} and could not be downloaded from {url} ({e}). "
-                f"On a machine without network, copy the file to {path} (or set DDPO_CACHE to a folder that has it).") from None
+                f"On a machine without network, copy the file to {path} "
+                "(or set DDPO_CACHE to a folder that has it).") from None
         got = sha256_of(tmp)
         if got != sha256:
             tmp.unlink()
-            raise ValueError(f"The download of {url} has SHA-256 {got}, expected {sha256}: the server sent another file. "
+            raise ValueError(f"The download of {url} has SHA-256 {got}, expected {sha256}: "
+                             "the server sent another file. "
                              f"Nothing was saved; download it by hand and place it at {path}.")
         os.replace(tmp, path)
     got = sha256_of(path)
     if got != sha256:
-        raise ValueError(f"{path} has SHA-256 {got} ({path.stat().st_size} bytes), expected {sha256}: the file is truncated "
+        raise ValueError(f"{path} has SHA-256 {got} ({path.stat().st_size} bytes), expected {sha256}: "
+                         "the file is truncated "
                          f"or corrupt. Delete it and run again to download it afresh from {url}.")
     return path

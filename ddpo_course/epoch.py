@@ -74,7 +74,8 @@ class EpochTrainer:
             cpu=cpu_processes, mixed_precision=cfg.model.mixed_precision, log_with=trackers or None,
             gradient_accumulation_steps=n_train // k * minibatches_per_step(cfg, n_proc),   # UNet calls per step
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir/"logs")))
-        validate(cfg, self.acc.num_processes)       # every check, on every process, before anything is written or loaded
+        # every check, on every process, before anything is written or loaded
+        validate(cfg, self.acc.num_processes)
         self.minibatches_per_step = minibatches_per_step(cfg, self.acc.num_processes)
         self.acc.gradient_accumulation_steps = n_train // k * self.minibatches_per_step   # right for a given one too
         self.acc.wait_for_everyone()
@@ -99,7 +100,8 @@ def load_inputs(self:EpochTrainer):
     self.prompts = get_prompts(cfg.reward.prompts)
     self.heldout_prompts = get_prompts(cfg.reward.heldout) if cfg.reward.heldout else []
     self.reward_fn = get_reward(cfg.reward.name, device=acc.device, tiny=cfg.reward.tiny)
-    self.monitor_fns = {n: get_reward(n, device=acc.device, tiny=cfg.reward.tiny) for n in cfg.reward.monitor}   # logged only
+    # logged only
+    self.monitor_fns = {n: get_reward(n, device=acc.device, tiny=cfg.reward.tiny) for n in cfg.reward.monitor}
     return self
 
 @patch
@@ -179,7 +181,8 @@ def sample_epoch(self:EpochTrainer, epoch:int) -> EpochSamples:
         t0 = time.perf_counter()
         try: return (self.reward_fn(images, batch), {n: f(images, batch) for n, f in self.monitor_fns.items()}), None
         except RewardError as e: return None, str(e)
-        except Exception as e: return None, f"reward {cfg.reward.name!r} failed: {type(e).__name__}: {e}"   # OOM, a bug...
+        except Exception as e:
+            return None, f"reward {cfg.reward.name!r} failed: {type(e).__name__}: {e}"   # OOM, a bug...
         finally: times["scoring_s"] += time.perf_counter() - t0
     batches = range(0, per_process, s.batch_size)
     overlap = {"auto": acc.device.type == "cuda", "true": True, "false": False}[str(cfg.reward.overlap).lower()]
@@ -263,7 +266,8 @@ def step_batches(self:EpochTrainer, epoch:int, inner:int, traj:Trajectory, advan
     n, kt = self.n_train_steps, self.timesteps_per_call
     cols = torch.stack([torch.randperm(n if first else T, generator=g) for _ in range(N)])[:, :n][perm]
     rows = perm[:, None]
-    x_t, x_next, ts, old = traj.latents[rows, cols], traj.latents[rows, cols + 1], traj.timesteps[rows, cols], traj.log_probs[rows, cols]
+    x_t, x_next = traj.latents[rows, cols], traj.latents[rows, cols + 1]
+    ts, old = traj.timesteps[rows, cols], traj.log_probs[rows, cols]
     cond, uncond, adv = traj.prompt_embeds[perm], traj.uncond_embeds, advantages.to(acc.device)[perm]
     if uncond is not None: uncond = uncond[perm]
     if t.shuffle_advantages:   # the control: each optimizer step's advantages, dealt to its trajectories at random
@@ -277,7 +281,8 @@ def step_batches(self:EpochTrainer, epoch:int, inner:int, traj:Trajectory, advan
             steps = lambda v: v[mb, j:j + kt].transpose(0, 1).reshape(-1, *v.shape[2:])
             # unpenalised, kl_ref is only logged: one (random) trained timestep per minibatch estimates it
             ref_rows = slice(None) if t.kl_coef else slice(0, len(perm[mb])) if j == 0 and t.log_kl_ref else None
-            yield StepBatch(steps(x_t), steps(x_next), steps(ts), per_traj(cond), None if uncond is None else per_traj(uncond),
+            yield StepBatch(steps(x_t), steps(x_next), steps(ts), per_traj(cond),
+                            None if uncond is None else per_traj(uncond),
                             steps(old), per_traj(adv), steps(step_of), ref_rows)
 
 # %% ../nbs/06b_epoch.ipynb #932f61c2
@@ -298,14 +303,18 @@ def train_epoch(self:EpochTrainer, epoch:int, traj:Trajectory, advantages:torch.
                 with acc.autocast():
                     step = policy_step(self.unet, sched, *args)
                     ref_mean = (None if batch.ref_rows is None else
-                                self.reference_mean(sched, [a[batch.ref_rows] if torch.is_tensor(a) else a for a in args]))
+                                self.reference_mean(sched,
+                                                    [a[batch.ref_rows] if torch.is_tensor(a) else a for a in args]))
                 # the mean over kt·m rows is the mean of the kt per-timestep losses: accumulated, the same gradient
-                out = ddpo_loss(step.log_prob, batch.old_log_probs, batch.advantages, t.clip_range, t.adv_clip_max, t.method)
+                out = ddpo_loss(step.log_prob, batch.old_log_probs, batch.advantages, t.clip_range, t.adv_clip_max,
+                                t.method)
                 ratio, abs_log_ratio = out.ratio.float(), (step.log_prob.detach() - batch.old_log_probs).abs().float()
-                for r, v in enumerate((torch.ones_like(ratio), ((ratio - 1).abs() > t.clip_range).float(), abs_log_ratio)):
+                for r, v in enumerate((torch.ones_like(ratio), ((ratio - 1).abs() > t.clip_range).float(),
+                                       abs_log_ratio)):
                     per_t[r].index_add_(0, batch.step, v)
                 if ref_mean is not None:
-                    kl_rows = gaussian_kl(step.mean[batch.ref_rows], ref_mean, step.std[batch.ref_rows])   # KL(p_θ ‖ p_ref)
+                    # KL(p_θ ‖ p_ref)
+                    kl_rows = gaussian_kl(step.mean[batch.ref_rows], ref_mean, step.std[batch.ref_rows])
                     kl = kl_rows.mean(); stats["kl_ref"].append(kl.detach())
                     for r, v in ((3, kl_rows.detach().float()), (4, torch.ones_like(kl_rows, dtype=torch.float))):
                         per_t[r].index_add_(0, batch.step[batch.ref_rows], v)
@@ -315,7 +324,8 @@ def train_epoch(self:EpochTrainer, epoch:int, traj:Trajectory, advantages:torch.
     keys = ("loss", "approx_kl", "clipfrac", "grad_norm") + (("kl_ref",) if t.kl_coef or t.log_kl_ref else ())
     local = torch.stack([torch.stack(stats[k]).float().mean() if stats[k] else torch.zeros((), device=acc.device)
                          for k in keys])
-    return dict(zip(keys, acc.reduce(local, reduction="mean").cpu().tolist())) | per_step_stats(acc.reduce(per_t, "sum"))
+    means = acc.reduce(local, reduction="mean").cpu().tolist()
+    return dict(zip(keys, means)) | per_step_stats(acc.reduce(per_t, "sum"))
 
 def per_step_stats(per_t:torch.Tensor) -> dict:
     "Clip fraction, mean |log-ratio| and kl_ref of each denoising step from `train_epoch`'s sums (None: no rows)."
@@ -338,12 +348,13 @@ MAX_OVERFLOWS = 25   # fp16: optimizer steps skipped in a row before the run sto
 
 @patch
 def _backward(self:EpochTrainer, epoch:int, loss:torch.Tensor, loss_ok:torch.Tensor, grad_norms:list) -> torch.Tensor:
-    "Backward one micro-step's loss (in `accumulate`); at the last of an optimizer step, clip, check, step. The new `loss_ok`."
+    "Backward one micro-step's loss (in `accumulate`); at a step's last, clip, check and step. The new `loss_ok`."
     acc, t = self.acc, self.cfg.train
     loss_ok = loss_ok & torch.isfinite(loss.detach())   # on the device: read only if the gradient is bad
     acc.backward(loss)
     if acc.sync_gradients:
-        norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm), dtype=torch.float32, device=acc.device)
+        norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm), dtype=torch.float32,
+                               device=acc.device)
         if torch.isfinite(norm): grad_norms.append(norm); self._overflows = 0
         else: self._bad_gradient(epoch, norm, loss_ok)   # raises, unless fp16's loss scale overflowed
         loss_ok = torch.ones((), dtype=torch.bool, device=acc.device)
@@ -359,10 +370,12 @@ def _bad_gradient(self:EpochTrainer, epoch:int, norm:torch.Tensor, loss_ok:torch
     acc, where = self.acc, f"The last checkpoint in {self.run_dir/'checkpoints'} is intact."
     loss_bad = acc.reduce(1 - loss_ok.float(), reduction="sum").item() > 0   # the same answer on every process
     if acc.scaler is None or loss_bad:   # checked before the step: a bad gradient never reaches the weights
-        raise TrainingError(f"epoch {epoch}: non-finite {'loss' if loss_bad else 'gradient'} (gradient norm {float(norm)}). {where}")
+        raise TrainingError(f"epoch {epoch}: non-finite {'loss' if loss_bad else 'gradient'} (gradient norm "
+                            f"{float(norm)}). {where}")
     self._overflows = getattr(self, "_overflows", 0) + 1
     if self._overflows >= MAX_OVERFLOWS:
-        raise TrainingError(f"epoch {epoch}: the fp16 gradient overflowed in {self._overflows} optimizer steps in a row "
+        raise TrainingError(f"epoch {epoch}: the fp16 gradient overflowed in {self._overflows} optimizer steps "
+                            "in a row "
                             f"(loss scale now {acc.scaler.get_scale():.3g}), so the overflow is not the loss scale's: "
                             f"lower train.learning_rate, or use model.mixed_precision=bf16. {where}")
 
@@ -375,7 +388,7 @@ def shuffle_within(x:torch.Tensor, size:int, g:torch.Generator) -> torch.Tensor:
 # %% ../nbs/06b_epoch.ipynb #932f61c5
 @patch
 def nft_epoch(self:EpochTrainer, epoch:int, traj:Trajectory, advantages:torch.Tensor) -> dict:
-    "Inner epochs of DiffusionNFT training (lesson 04's `nft_loss`) on this process's final latents: `train.method=nft`."
+    "Inner epochs of DiffusionNFT training (lesson 04's `nft_loss`) on this process's final latents: `method=nft`."
     cfg, acc, t = self.cfg, self.acc, self.cfg.train
     N, n, kt, bs = len(traj), self.n_train_steps, self.timesteps_per_call, t.batch_size
     g = generator(cfg.run.seed, 7, epoch, acc.process_index)
@@ -398,7 +411,8 @@ def nft_epoch(self:EpochTrainer, epoch:int, traj:Trajectory, advantages:torch.Te
         perm = torch.randperm(N, generator=generator(cfg.run.seed, 3, epoch, inner, acc.process_index)).to(acc.device)
         adv = advantages[perm]
         if t.shuffle_advantages:
-            adv = shuffle_within(adv, bs * self.minibatches_per_step, generator(cfg.run.seed, 5, epoch, inner, acc.process_index))
+            adv = shuffle_within(adv, bs * self.minibatches_per_step,
+                                 generator(cfg.run.seed, 5, epoch, inner, acc.process_index))
         for b in _bar(range(0, N, bs), self.main and cfg.run.progress, getattr(self, '_mb', None)):
             rows = perm[b:b + bs]
             for j in range(0, n, kt):                  # kt draws per trajectory in one UNet call, trajectory-major rows
@@ -440,7 +454,8 @@ def _record_weights(self:EpochTrainer):
     "Append a checksum of the trained weights to this process's weights file (to check ranks stay identical)."
     with torch.no_grad(): vec = torch.cat([p.detach().float().flatten().cpu() for p in self.params]).double()
     append_jsonl(self.run_dir/f"weights-rank{self.acc.process_index}.jsonl",
-                 dict(step=self.state.global_step, sum=float(vec.sum()), sq=float((vec**2).sum()), head=vec[:8].float().tolist()))
+                 dict(step=self.state.global_step, sum=float(vec.sum()), sq=float((vec**2).sum()),
+                      head=vec[:8].float().tolist()))
 
 @patch
 def _record_draws(self:EpochTrainer, epoch:int, prompts:list[str], traj:Trajectory):

@@ -58,14 +58,16 @@ def run_experiment(name:str, overrides:list[str]=(), root:str|Path="runs/experim
     if finished(cfg) and not rerun: return read_metrics(cfg.run.dir)
     done = Path(cfg.run.dir)/"final"
     if done.exists() and not rerun:   # never replace a finished run by accident
-        raise ValueError(f"{cfg.run.dir} holds a finished run of another configuration ({'; '.join(differences(cfg)) or 'other epochs'}); "
+        raise ValueError(f"{cfg.run.dir} holds a finished run of another configuration "
+                         f"({'; '.join(differences(cfg)) or 'other epochs'}); "
                          "choose another name, or pass rerun=True to replace it")
     return DDPOTrainer(cfg).train()
 
 # %% ../nbs/08_experiments.ipynb #03c2d199
 LABELS = dict(reward_mean="toy aesthetic (trained)", monitor_gold_mean="gold", monitor_alignment_mean="alignment",
               diversity="diversity", kl_ref="KL to pretrained", approx_kl="approx_kl (per update)", clipfrac="clipfrac",
-              heldout_reward="held-out: toy aesthetic", heldout_gold="held-out: gold", heldout_alignment="held-out: alignment")
+              heldout_reward="held-out: toy aesthetic", heldout_gold="held-out: gold",
+              heldout_alignment="held-out: alignment")
 
 def series(m:list[dict], key:str) -> tuple[np.ndarray, np.ndarray]:
     "(epochs trained, value) of `key` over a run; evaluations include the point before training (0 epochs)."
@@ -83,15 +85,18 @@ def plot_runs(runs:dict[str, list[dict]], # label -> metrics of one run
         for label, m in runs.items():
             x, y = series(m, key)
             if key.startswith("heldout"): ax.plot(x, y, "o-", ms=3, label=label)
-            elif len(y) >= smooth: ax.plot(x[smooth - 1:], np.convolve(y, np.ones(smooth) / smooth, "valid"), label=label)
-        ax.set_title(LABELS.get(key, key), fontsize=9); ax.set_xlabel("epochs trained", fontsize=8); ax.tick_params(labelsize=7)
+            elif len(y) >= smooth:
+                ax.plot(x[smooth - 1:], np.convolve(y, np.ones(smooth) / smooth, "valid"), label=label)
+        ax.set_title(LABELS.get(key, key),
+                     fontsize=9); ax.set_xlabel("epochs trained", fontsize=8); ax.tick_params(labelsize=7)
     axs[0, 0].legend(fontsize=7)
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-def summary(runs:dict[str, list[dict]], keys:list[str]=("reward_mean", "monitor_gold_mean", "monitor_alignment_mean", "diversity", "kl_ref"),
+def summary(runs:dict[str, list[dict]],
+            keys:list[str]=("reward_mean", "monitor_gold_mean", "monitor_alignment_mean", "diversity", "kl_ref"),
             n:int=3) -> str:
-    "A table: each metric's mean over its first and last `n` values in each run (evaluations: before training and the last ones)."
+    "A table: each metric's mean over its first and last `n` values in each run (evaluations: before, the last ones)."
     head = f"{'run':<20}" + "".join(f"{LABELS.get(k, k)[:22]:^24}" for k in keys)
     rows = [head]
     for label, m in runs.items():
@@ -135,10 +140,11 @@ def eval_images(run_dir:str|Path, epoch:int|None=None, heldout:bool=False) -> to
 
 # %% ../nbs/08_experiments.ipynb #f0c1a002
 def pretrain_more(model:str="toy-early", # the pipeline to continue from
-                  seconds:float=300, # CPU time to spend on UNet and text-encoder steps (data and encoding come first, untimed)
-                  rate:Callable|None=None, # called with the pipeline at a quarter, half, three quarters and the end of the budget
+                  seconds:float=300, # CPU time for UNet and text-encoder steps (data and encoding come first, untimed)
+                  rate:Callable|None=None, # called with the pipeline at each quarter of the budget
                   batch_size:int=32, lr:float=1e-3, n_images:int=30_000, seed:int=1) -> list[dict]:
-    "More pretraining of `model` on the shape world for about `seconds`, the rival DDPO's CPU time is measured against: at each quarter, the seconds spent and `rate(pipe)`."
+    """More pretraining of `model` on the shape world for about `seconds`, the rival DDPO's CPU time is held against:
+    at each quarter, the seconds spent and `rate(pipe)`."""
     from ddpo_course.models import load_pipeline
     from ddpo_course.pretrain import encode_world, train_denoiser
     from ddpo_course.world import world_tensors
@@ -148,7 +154,8 @@ def pretrain_more(model:str="toy-early", # the pipeline to continue from
     run = lambda n: train_denoiser(pipe, means, stds, caps, n, batch_size=batch_size, lr=lr, seed=seed, warmup=n)
     run(10)                                                               # the first calls run slow: untimed
     t0 = time.perf_counter(); run(10); t1 = time.perf_counter(); run(110); t2 = time.perf_counter()
-    pace = ((t2 - t1) - (t1 - t0)) / 100          # seconds per step; each call's fixed cost (tokenizing the captions) cancels
+    # seconds per step; each call's fixed cost (tokenizing the captions) cancels
+    pace = ((t2 - t1) - (t1 - t0)) / 100
     steps = max(4, int(seconds / pace))
     pipe, curve, rating = load_pipeline(model), [], [0.0]                 # start again from the checkpoint
     def on_checkpoint(step):
@@ -156,7 +163,8 @@ def pretrain_more(model:str="toy-early", # the pipeline to continue from
         curve.append(dict(step=step, seconds=t - t0 - rating[0], **(rate(pipe) if rate else {})))
         rating[0] += time.perf_counter() - t                              # rating time is not training time
     t0 = time.perf_counter()
-    train_denoiser(pipe, means, stds, caps, steps, batch_size=batch_size, lr=lr, seed=seed, warmup=min(200, steps // 10 + 1),
+    train_denoiser(pipe, means, stds, caps, steps, batch_size=batch_size, lr=lr, seed=seed,
+                   warmup=min(200, steps // 10 + 1),
                    checkpoints=[steps // 4, steps // 2, 3 * steps // 4, steps], on_checkpoint=on_checkpoint)
     return curve
 
@@ -179,5 +187,6 @@ def sd_command(name:str, num_processes:int=8) -> str:
     merged = {o.partition("=")[0]: o for o in [*SD_COMMON, *SD_EXPERIMENTS[name], f"run.dir=runs/sd14-{name}"]}
     overrides = list(merged.values())                  # an experiment's value replaces the common one
     validate(load_config("sd14_aesthetic", overrides), num_processes)
-    return (f"accelerate launch --multi_gpu --num_processes {num_processes} --mixed_precision bf16 -m ddpo_course.train "
+    return (f"accelerate launch --multi_gpu --num_processes {num_processes} --mixed_precision bf16 "
+            "-m ddpo_course.train "
             f"sd14_aesthetic {' '.join(shlex.quote(o) for o in overrides)}")

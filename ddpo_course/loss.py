@@ -19,7 +19,7 @@ __all__ = ['LossOutput', 'ddpo_loss', 'plot_clipped_objective', 'clip_explorer',
 @dataclass
 class LossOutput:
     loss: Tensor       # scalar to minimise
-    approx_kl: Tensor  # ½ E[(log p_θ - log p_θold)²] of the per-dimension mean log-probabilities: a drift signal, not a KL in nats
+    approx_kl: Tensor  # ½ E[(log p_θ - log p_θold)²] of per-dimension mean log-probs: a drift signal, not nats
     clipfrac: Tensor   # fraction of steps whose ratio lies outside [1-ε, 1+ε]
     ratio: Tensor      # ρ, per sample
 
@@ -55,7 +55,8 @@ def plot_clipped_objective(clip_range:float=0.2, adv:float=1.0, adv_clip_max:flo
         import matplotlib.pyplot as plt
         _, ax = plt.subplots(figsize=(5, 3))
     for a, colour in ((abs(adv), "tab:green"), (-abs(adv), "tab:red")):
-        per_sample = [-ddpo_loss(r.log()[None], torch.zeros(1), torch.tensor([a]), clip_range, adv_clip_max).loss for r in ratio]
+        per_sample = [-ddpo_loss(r.log()[None], torch.zeros(1), torch.tensor([a]), clip_range,
+                                 adv_clip_max).loss for r in ratio]
         obj = torch.stack(per_sample)
         grad, = torch.autograd.grad(obj.sum(), ratio)
         ax.plot(ratio.detach(), obj.detach(), color=colour, label=f"A = {a:+g}")
@@ -90,34 +91,36 @@ def gaussian_kl(mean:Tensor, # μ_θ, the policy's step mean [B, ...]
                ) -> Tensor:
     "KL between two Gaussian steps with the same standard deviation, averaged over dimensions: `[B]`."
     std = std.float().clamp_min(torch.finfo(torch.float32).tiny)
-    kl = (mean.float() - ref_mean.float())**2 / (2 * std**2)                           # ‖μ_θ - μ_ref‖² / 2η²σ_t², per dimension
+    # ‖μ_θ - μ_ref‖² / 2η²σ_t², per dimension
+    kl = (mean.float() - ref_mean.float())**2 / (2 * std**2)
     return kl.mean(dim=tuple(range(1, mean.ndim)))
 
 # %% ../nbs/04_loss.ipynb #d0b1e002
 def _flat_grad(loss:Tensor, params:list) -> Tensor:
     "The gradient of `loss` with respect to `params`, as one flat float32 vector (zeros where a parameter is unused)."
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([torch.zeros(p.numel(), device=loss.device) if d is None else d.float().flatten() for p, d in zip(params, grads)])
+    return torch.cat([torch.zeros(p.numel(), device=loss.device) if d is None else d.float().flatten()
+                      for p, d in zip(params, grads)])
 
 def _cosine(a:Tensor, b:Tensor) -> float:
     "Cosine between two flat vectors, summed in float64 (a million terms)."
     a, b = a.double(), b.double(); return (a @ b / (a.norm() * b.norm()).clamp_min(1e-300)).item()
 
 def _layer_cosine(a:Tensor, b:Tensor, sizes:list[int]) -> float:
-    "Mean over the weight tensors (`sizes`: their numbers of elements, in order) of each tensor's cosine; unused tensors skipped."
+    "Mean over the weight tensors (`sizes`: their element counts, in order) of each one's cosine; unused ones skipped."
     cos = [_cosine(x, y) for x, y in zip(a.split(sizes), b.split(sizes)) if x.norm() > 0 and y.norm() > 0]
     return sum(cos) / max(len(cos), 1)
 
 @dataclass
 class GradientSNR:
-    "Agreement of two independent estimates of the policy gradient (two halves of a batch), per denoising step and summed."
+    "Agreement of two independent estimates of the policy gradient (two halves of a batch), per step and summed."
     cos_t: list[float]   # per step index (0 = the noisiest): cosine between the two halves' gradients
     norm_t: list[float]  # per step index: norm of the whole batch's gradient
     cos: float           # cosine of the halves' gradients summed over the `steps` asked for (what one update follows)
     norm: float          # norm of the whole batch's gradient summed over those steps
     cos_all: float       # the same summed over every step
     norm_all: float
-    cos_layers: float    # `cos` taken tensor by tensor and averaged: every weight tensor counts once, however large its gradient
+    cos_layers: float    # `cos` tensor by tensor, averaged: every weight tensor counts once, however large its gradient
 
 def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
                  scheduler, # the DDIM scheduler the trajectories were sampled with
@@ -154,7 +157,8 @@ def gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
         alls = [alls[0] + gA, alls[1] + gB]
         del gA, gB
     mean_norm = lambda s: ((s[0] + s[1]) / 2).norm().item()
-    return GradientSNR(cos_t, norm_t, _cosine(*sums), mean_norm(sums), _cosine(*alls), mean_norm(alls), _layer_cosine(*sums, sizes))
+    return GradientSNR(cos_t, norm_t, _cosine(*sums), mean_norm(sums), _cosine(*alls), mean_norm(alls),
+                       _layer_cosine(*sums, sizes))
 
 # %% ../nbs/04_loss.ipynb #f4a0c002
 def forward_draws(scheduler, # a diffusers scheduler (its `add_noise` and `num_train_timesteps` are used)
@@ -166,9 +170,12 @@ def forward_draws(scheduler, # a diffusers scheduler (its `add_noise` and `num_t
     "`n` forward-process draws per latent: timesteps `[N, n]`, noise ε and noisy x_t, both `[N, n, C, H, W]`."
     N, T = len(x0), scheduler.config.num_train_timesteps
     if not 0 <= t_min < T: raise ValueError(f"t_min={t_min}: must be in [0, {T - 1}], the scheduler's timesteps")
-    t = torch.randint(t_min, T, (N, n), generator=generator).to(x0.device)                                 # t ~ U{t_min..999}
-    noise = torch.randn((N, n, *x0.shape[1:]), generator=generator).to(x0.device, x0.dtype)                 # ε ~ N(0, I)
-    x_t = scheduler.add_noise(x0[:, None].expand_as(noise).flatten(0, 1), noise.flatten(0, 1), t.flatten())  # √ᾱ_t x0 + √(1-ᾱ_t) ε
+    # t ~ U{t_min..999}
+    t = torch.randint(t_min, T, (N, n), generator=generator).to(x0.device)
+    # ε ~ N(0, I)
+    noise = torch.randn((N, n, *x0.shape[1:]), generator=generator).to(x0.device, x0.dtype)
+    # √ᾱ_t x0 + √(1-ᾱ_t) ε
+    x_t = scheduler.add_noise(x0[:, None].expand_as(noise).flatten(0, 1), noise.flatten(0, 1), t.flatten())
     return t, noise, x_t.reshape(noise.shape)
 
 @dataclass
@@ -191,7 +198,8 @@ def nft_loss(eps:Tensor, # ε_θ(x_t, t, c) under the current weights, with grad
     pos = (1 - beta) * old + beta * eps.float()                                       # ε⁺, the implicit positive policy
     neg = (1 + beta) * old - beta * eps.float()                                       # ε⁻, its mirror image
     per_dim = r * (pos - noise)**2 + (1 - r) * (neg - noise)**2
-    loss = c / beta * per_dim.mean()                                                  # L, averaged over draws and dimensions
+    # L, averaged over draws and dimensions
+    loss = c / beta * per_dim.mean()
     return NFTOutput(loss, ((eps.detach().float() - old)**2).mean())
 
 # %% ../nbs/04_loss.ipynb #f4a0c006
@@ -204,21 +212,24 @@ def nft_gradient_snr(unet, # the UNet (unwrapped: no DistributedDataParallel)
                      batch_size:int=32, # trajectories per UNet call
                      generator:torch.Generator|None=None, # seeds the draws
                      all_reduce=None, # sums a tensor over processes
-                     params:list|None=None, # parameters whose gradient is measured; None: those of `unet` that require grad
+                     params:list|None=None, # parameters whose gradient is measured; None: `unet`'s that require grad
                      t_min:int=0, # the smallest noise level drawn (`forward_draws`)
                     ) -> GradientSNR:
-    "Agreement of the DiffusionNFT gradients of the two halves of `traj` at the sampling weights (no per-step parts: `cos_t` is empty)."
+    "Agreement of the DiffusionNFT gradients of the two halves of `traj` at the sampling weights (`cos_t` empty)."
     params = params or [p for p in unet.parameters() if p.requires_grad]
     sizes, N = [p.numel() for p in params], len(traj)
     if N < 2: raise ValueError(f"nft_gradient_snr needs at least 2 trajectories to split in two halves, got {N}")
     t, noise, x_t = forward_draws(scheduler, traj.final_latents, n, generator, t_min)
     adv, halves = advantages.to(x_t.device).float(), (range(0, N // 2), range(N // 2, N))
-    def half_gradient(rows):                          # at θ = θ_old: (1/n_h) Σ_i 2 clip(A_i) (ε_θ - ε) ∇ε_θ, averaged over draws
+    # at θ = θ_old: (1/n_h) Σ_i 2 clip(A_i) (ε_θ - ε) ∇ε_θ, averaged over draws
+    def half_gradient(rows):
         g = torch.zeros(sum(sizes), device=x_t.device)
         for b in range(rows.start, rows.stop, batch_size):
             i = slice(b, min(b + batch_size, rows.stop))
-            eps = unet(x_t[i].flatten(0, 1), t[i].flatten(), encoder_hidden_states=traj.prompt_embeds[i].repeat_interleave(n, 0)).sample
-            loss = nft_loss(eps, eps.detach(), noise[i].flatten(0, 1), adv[i].repeat_interleave(n), adv_clip_max=adv_clip_max).loss
+            eps = unet(x_t[i].flatten(0, 1), t[i].flatten(),
+                       encoder_hidden_states=traj.prompt_embeds[i].repeat_interleave(n, 0)).sample
+            loss = nft_loss(eps, eps.detach(), noise[i].flatten(0, 1), adv[i].repeat_interleave(n),
+                            adv_clip_max=adv_clip_max).loss
             g += _flat_grad(loss * (i.stop - i.start) / len(rows), params)
         return all_reduce(g) if all_reduce else g
     gA, gB = half_gradient(halves[0]), half_gradient(halves[1])

@@ -28,14 +28,16 @@ TINY = "tiny"  # the model name that builds the offline tiny pipeline (random we
 TOY = "toy"    # the model name of the pretrained shape-world model shipped in the package (lesson 00b)
 TOY_EARLY = "toy-early"   # the same model stopped early in pretraining (about half its samples aligned; lesson 08)
 
-def check_model_source(model:str|Path, # a hub id such as "CompVis/stable-diffusion-v1-4", a local folder, "tiny" or "toy"
+def check_model_source(model:str|Path, # a hub id ("CompVis/stable-diffusion-v1-4"), a local folder, "tiny" or "toy"
                       ) -> str:
     "Raise a clear error if `model` is neither `TINY`, `TOY`, an existing folder, nor shaped like a hub id."
     model = str(model)
     if model in (TINY, TOY, TOY_EARLY) or Path(model).expanduser().is_dir(): return model
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
-        raise FileNotFoundError(f"model={model!r}: no such folder, and not a hub id of the form 'org/name'. Give an existing "
-                                f"diffusers folder, a hub id, {TOY!r} for the shipped shape-world model ({TOY_EARLY!r}: stopped early), or {TINY!r} for the "
+        raise FileNotFoundError(f"model={model!r}: no such folder, and not a hub id of the form 'org/name'. "
+                                "Give an existing "
+                                f"diffusers folder, a hub id, {TOY!r} for the shipped shape-world model "
+                                f"({TOY_EARLY!r}: stopped early), or {TINY!r} for the "
                                 "offline tiny pipeline with random weights.")
     return model
 
@@ -51,7 +53,8 @@ def load_pipeline(model:str|Path, # hub id, local diffusers folder, "toy" (shipp
     model = check_model_source(model)
     if model == TINY: pipe = tiny_pipeline(seed=seed)
     else:
-        path = toy_pipeline_dir() if model in (TOY, TOY_EARLY) else model   # shipped files: their checksums verified first
+        # shipped files: their checksums verified first
+        path = toy_pipeline_dir() if model in (TOY, TOY_EARLY) else model
         pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant,
                                                        safety_checker=None, requires_safety_checker=False)
         if model == TOY_EARLY:     # the early UNet and text encoder (stored in fp16), with the final VAE and tokenizer
@@ -88,7 +91,8 @@ def build_pipeline(unet:dict, vae:dict, text_encoder:dict, # each component's si
     return pipe
 
 CLIP_TINY = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=32)
+                 max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                 projection_dim=32)
 
 def tiny_pipeline(seed:int=0, # seed of the random weights
                   prediction_type:str="epsilon", # the scheduler's prediction type
@@ -96,7 +100,8 @@ def tiny_pipeline(seed:int=0, # seed of the random weights
                  ) -> StableDiffusionPipeline:
     "An offline Stable Diffusion pipeline of the real classes, tiny and with random weights."
     unet = dict(sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
     vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(16, 32),
                down_block_types=("DownEncoderBlock2D",)*2, up_block_types=("UpDecoderBlock2D",)*2,
@@ -116,7 +121,8 @@ class ModelFileError(FileNotFoundError):
     "A shipped model file is missing or does not match its recorded checksum."
 
 CHECKSUMS = "SHA256SUMS"
-_REBUILD = {"pipeline": "00b_pretrain", "early": "00b_pretrain", "shapenet": "00a_world", "judge": "00a_world", "aesthetic": "01_aesthetic"}   # what writes each file
+_REBUILD = {"pipeline": "00b_pretrain", "early": "00b_pretrain", "shapenet": "00a_world", "judge": "00a_world",
+            "aesthetic": "01_aesthetic"}   # what writes each file
 
 def toy_dir() -> Path:
     "The folder of the shipped shape-world models, inside the installed package."
@@ -140,7 +146,8 @@ def verify_checksums(folder:str|Path, # a folder with a SHA256SUMS file
                     ) -> list[Path]:
     "The checked files under `folder` whose path starts with `prefix`, or a `ModelFileError` naming the first bad one."
     folder, sums = Path(folder), Path(folder)/CHECKSUMS
-    if not sums.is_file(): raise ModelFileError(f"{sums} is missing: the package's model files cannot be checked. Reinstall ddpo_course.")
+    if not sums.is_file():
+        raise ModelFileError(f"{sums} is missing: the package's model files cannot be checked. Reinstall ddpo_course.")
     entries = [l.split("  ", 1) for l in sums.read_text().splitlines() if l.strip()]
     entries = [(h, name) for h, name in entries if name.startswith(prefix)]
     if not entries: raise ModelFileError(f"{sums} lists no file under {prefix!r}. Reinstall ddpo_course.")
@@ -151,7 +158,8 @@ def verify_checksums(folder:str|Path, # a folder with a SHA256SUMS file
                f"`nbdev_test --path nbs/{nb}.ipynb --flags slow`.")
         if not path.is_file(): raise ModelFileError(f"shipped model file {path} is missing. {fix}")
         if (got := sha256_of(path)) != expected:
-            raise ModelFileError(f"shipped model file {path} is damaged: its SHA-256 is {got[:12]}..., {CHECKSUMS} records {expected[:12]}.... {fix}")
+            raise ModelFileError(f"shipped model file {path} is damaged: its SHA-256 is {got[:12]}..., {CHECKSUMS} "
+                                 f"records {expected[:12]}.... {fix}")
         out.append(path)
     return out
 

@@ -78,7 +78,7 @@ def train_denoiser(pipe:StableDiffusionPipeline, # its unet and text_encoder are
                    snr_gamma:float=5.0, # Min-SNR-γ weighting
                    ema_decay:float=0.999, # decay of the weights' moving average (copied into the models at the end)
                    seed:int=0, warmup:int=200,
-                   checkpoints:Sequence[int]=(), # after these steps, call `on_checkpoint(step)` with the averaged weights in place
+                   checkpoints:Sequence[int]=(), # after these steps, `on_checkpoint(step)` with the averaged weights
                    on_checkpoint:Callable[[int], None]|None=None,
                   ) -> list[float]:
     "Train the UNet and the text encoder with SD's ε-prediction objective; the losses."
@@ -86,11 +86,14 @@ def train_denoiser(pipe:StableDiffusionPipeline, # its unet and text_encoder are
     scale = pipe.vae.config.scaling_factor
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, fused=True)   # fused: one kernel for all weights
-    unet.set_attn_processor(AttnProcessor()); te.set_attn_implementation("eager")   # plain attention: faster at these sizes
-    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    # plain attention: faster at these sizes
+    unet.set_attn_processor(AttnProcessor()); te.set_attn_implementation("eager")
+    schedule = lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))   # warm-up, then cosine
+    lrs = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True)
     g = torch.Generator().manual_seed(seed)
-    ids = tok(list(captions) + [""], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tok(list(captions) + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
     unet.train(); te.train(); losses = []
     for step in range(1, steps + 1):
         i = torch.randint(len(means), (batch_size,), generator=g)
@@ -104,7 +107,8 @@ def train_denoiser(pipe:StableDiffusionPipeline, # its unet and text_encoder are
         snr = compute_snr(sched, t)
         w = torch.minimum(snr, torch.full_like(snr, snr_gamma)) / snr                               # Min-SNR weight
         loss = (w * (pred - eps).square().mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); lrs.step(); ema.step(params)
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); lrs.step(); ema.step(params)
         losses.append(loss.item())
         if step in checkpoints and on_checkpoint is not None:
             ema.store(params); ema.copy_to(params); unet.eval(); te.eval()
@@ -125,7 +129,7 @@ def pretrain_toy(out_dir:str|Path, # where the diffusers folder goes
                  vae_steps:int=3000, vae_batch_size:int=16, vae_lr:float=2e-3, unet_steps:int=6500, batch_size:int=32,
                  n_images:int=30_000, seed:int=0,
                  checkpoint_dir:str|Path|None=None, # where the UNet and text encoder are saved along the way
-                 checkpoint_steps:Sequence[int]=(500, 1000, 1500, 2000, 3000, 4000, 5000), # UNet steps after which they are saved
+                 checkpoint_steps:Sequence[int]=(500, 1000, 1500, 2000, 3000, 4000, 5000), # UNet steps saved after
                 ) -> tuple[StableDiffusionPipeline, dict]:
     "Pretrain the toy model on the shape world; save it to `out_dir` with its training log."
     t0 = time.perf_counter(); torch.manual_seed(seed)
@@ -145,7 +149,8 @@ def pretrain_toy(out_dir:str|Path, # where the diffusers folder goes
                                  checkpoints=checkpoint_steps, on_checkpoint=on_checkpoint)
     t4 = time.perf_counter()
     log = dict(vae_losses=vae_losses, unet_losses=unet_losses, data_s=t1 - t0, vae_s=t2 - t1, encode_s=t3 - t2,
-               unet_s=t4 - t3, total_s=t4 - t0, vae_steps=vae_steps, vae_batch_size=vae_batch_size, unet_steps=unet_steps,
+               unet_s=t4 - t3, total_s=t4 - t0, vae_steps=vae_steps, vae_batch_size=vae_batch_size,
+               unet_steps=unet_steps,
                n_images=n_images, batch_size=batch_size, seed=seed, threads=torch.get_num_threads(),
                checkpoints=[dict(step=s, elapsed_s=e) for s, e in saved] + [dict(step=unet_steps, elapsed_s=t4 - t0)])
     pipe.save_pretrained(out_dir)
@@ -157,7 +162,7 @@ def pretrain_toy(out_dir:str|Path, # where the diffusers folder goes
 @torch.no_grad()
 def sample_images(pipe:StableDiffusionPipeline, prompts:list[str], num_steps:int=20, guidance_scale:float=5.0,
                   seed:int=0, batch_size:int=64,
-                  eta:float=0.0, # DDIM's noise scale: 0 deterministic (diffusers' default), 1 the stochastic sampler DDPO trains
+                  eta:float=0.0, # DDIM's noise scale: 0 deterministic (diffusers' default), 1 the sampler DDPO trains
                  ) -> Tensor:
     "uint8 images `[N, H, W, 3]` drawn by diffusers' pipeline call, one per prompt."
     out, g = [], torch.Generator().manual_seed(seed)
@@ -174,7 +179,7 @@ def alignment_rates(pipe:StableDiffusionPipeline, per_prompt:int=4, num_steps:in
                     pairs:list|None=None, # (colour, shape) pairs to rate; None: all 24
                     eta:float=0.0, # the sampler's noise scale (see `sample_images`)
                    ) -> dict[str, float]:
-    "Fraction of samples the judge reads as the prompted shape and colour (overall and per kind of pair), and background."
+    "Share of samples the judge reads as the prompted shape and colour (overall, per kind of pair), and background."
     prompts = [caption(c, s, b) for c, s in (pairs or ALL_PAIRS) for b in BACKGROUNDS for _ in range(per_prompt)]
     ok = judged_aligned(sample_images(pipe, prompts, num_steps, guidance_scale, seed, eta=eta), prompts, judge)
     kinds = [pair_kind(*parse_caption(p)[:2]) for p in prompts]
@@ -187,14 +192,15 @@ def with_denoiser(pipe:StableDiffusionPipeline, folder:str|Path) -> StableDiffus
     "`pipe` with the UNet and text encoder saved by `save_denoiser` in `folder` (in fp32), the rest shared."
     unet = UNet2DConditionModel.from_pretrained(Path(folder)/"unet", torch_dtype=torch.float32)
     te = CLIPTextModel.from_pretrained(Path(folder)/"text_encoder", torch_dtype=torch.float32)
-    out = StableDiffusionPipeline(**{**pipe.components, "unet": unet.eval(), "text_encoder": te.eval()}, requires_safety_checker=False)
+    out = StableDiffusionPipeline(**{**pipe.components, "unet": unet.eval(), "text_encoder": te.eval()},
+                                  requires_safety_checker=False)
     out.set_progress_bar_config(disable=True)
     return out
 
 def rate_checkpoints(pipe_dir:str|Path, # the finished run's diffusers folder, with its pretrain_log.json
                      checkpoint_dir:str|Path, # `pretrain_toy`'s checkpoint_dir
                      per_prompt:int=4) -> list[dict]:
-    "The judge's alignment rates of every checkpoint and of the final model, with the CPU time spent to reach each; saved in the log."
+    "The judge's alignment rates of every checkpoint and the final model, with the CPU time to reach each; logged."
     log_path = Path(pipe_dir)/"pretrain_log.json"
     log, pipe = json.loads(log_path.read_text()), load_pipeline(pipe_dir)
     curve = []

@@ -30,7 +30,7 @@ def common_animals() -> list[str]:
 def _words(name:str) -> set[str]: return {w.removesuffix("s") for w in re.findall(r"[a-z]+", name.lower())}
 
 def heldout_animals() -> list[str]:
-    "ImageNet's animal classes that share no word with `common_animals` (no 'tiger shark' when 'tiger' and 'shark' are trained)."
+    "ImageNet's animal classes sharing no word with `common_animals` (no 'tiger shark' when 'shark' is trained)."
     trained = set().union(*map(_words, common_animals()))
     return [a for a in imagenet_animals() if not _words(a) & trained]
 
@@ -47,16 +47,19 @@ PICKAPIC_EXTRA = 'pip install "ddpo_course[pickapic]"'   # the install extra tha
 def pickapic_prompts(dataset:str="carperai/pickapic_v1_no_images_training_sfw", # DRLX's prompt source on the hub
                      split:str="train", # DRLX trained on the train split
                     ) -> list[str]:
-    "The captions of a Pick-a-Pic data set, one per row as DRLX draws them (a repeated caption keeps its weight). Needs the hub and `datasets`."
+    "The captions of a Pick-a-Pic data set, one per row as DRLX draws them. Needs the hub and `datasets`."
     try: from datasets import load_dataset
-    except ImportError: raise ImportError(f"the 'pickapic' prompt set needs the datasets package: {PICKAPIC_EXTRA}") from None
+    except ImportError:
+        raise ImportError(f"the 'pickapic' prompt set needs the datasets package: {PICKAPIC_EXTRA}") from None
     ds = load_dataset(dataset, split=split)
     return [c.strip() for c in ds["caption"] if c and c.strip()]
 
 PromptSetName = Literal["imagenet_animals", "common_animals", "heldout_animals", "pickapic", "shapes", "shapes_rare",
                         "shapes_heldout"]   # the keys of PROMPT_SETS, as a type: `reward.prompts`' annotation
 
-PROMPT_SETS: dict[PromptSetName, Callable[[], list[str]]] = {"imagenet_animals": imagenet_animals, "common_animals": common_animals, "heldout_animals": heldout_animals,
+PROMPT_SETS: dict[PromptSetName, Callable[[], list[str]]] = {"imagenet_animals": imagenet_animals,
+                                                             "common_animals": common_animals,
+                                                             "heldout_animals": heldout_animals,
                "pickapic": pickapic_prompts,
                "shapes": lambda: shape_prompts(), "shapes_rare": lambda: shape_prompts("rare"),
                "shapes_heldout": lambda: shape_prompts("held-out")}

@@ -54,7 +54,8 @@ def jpeg_kb(images, quality:int=95) -> Tensor:
     x = (image_batch(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     sizes = []
     for im in x:
-        buf = io.BytesIO(); Image.fromarray(im).save(buf, format="JPEG", quality=quality); sizes.append(buf.tell() / 1000)
+        buf = io.BytesIO(); Image.fromarray(im).save(buf, format="JPEG",
+                                                     quality=quality); sizes.append(buf.tell() / 1000)
     return torch.tensor(sizes)
 
 def jpeg_compressibility(quality:int=95) -> RewardFn:
@@ -84,8 +85,10 @@ class PickScore(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images, prompts:list[str]) -> Tensor:
         x = clip_preprocess(image_batch(images, self.device), self.image_size, self.mean, self.std)
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(self.device)
-        out = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=x.to(self.model.dtype))
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77,
+                             return_tensors="pt").to(self.device)
+        out = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                         pixel_values=x.to(self.model.dtype))
         return (self.model.logit_scale.exp() * (out.image_embeds * out.text_embeds).sum(-1)).float()
 
     @classmethod
@@ -105,8 +108,10 @@ class PickScore(torch.nn.Module):
         import open_clip
         cfg = CLIPConfig(projection_dim=64,
             text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-            vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+                             num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                             pad_token_id=49407),
+            vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed); model = CLIPModel(cfg)
         return cls(model, clip_tokenizer(), 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
@@ -137,17 +142,20 @@ def alignment_reward(net=None, # a `ShapeNet`; None loads the shipped one
         try: named = [parse_caption(p) for p in prompts]
         except ValueError as e: raise RewardError(f"reward 'alignment': {e}") from None
         with torch.no_grad(): out = net(images)
-        shape = torch.tensor([SHAPES.index(s) for _, s, _ in named]); colour = torch.tensor([list(COLOURS).index(c) for c, _, _ in named])
+        shape = torch.tensor([SHAPES.index(s) for _, s, _ in named])
+        colour = torch.tensor([list(COLOURS).index(c) for c, _, _ in named])
         lp = lambda logits, idx: logits.float().log_softmax(-1).cpu().gather(1, idx[:, None])[:, 0]
         return lp(out["shape"], shape) + lp(out["colour"], colour)
     return checked(reward, "alignment")
 
 # %% ../nbs/05b_rewards.ipynb #d1eae2c0
 RewardName = Literal["aesthetic", "pickscore", "jpeg_compressibility", "jpeg_incompressibility", "brightness",
-                     "toy_aesthetic", "gold", "alignment"]   # the keys of REWARDS, as a type: `reward.name`'s annotation
+                     # the keys of REWARDS, as a type: `reward.name`'s annotation
+                     "toy_aesthetic", "gold", "alignment"]
 
 REWARDS: dict[RewardName, Callable[..., RewardFn]] = {
-    "aesthetic": lambda device, tiny: aesthetic_reward(AestheticScorer.tiny() if tiny else AestheticScorer.from_pretrained(device)),
+    "aesthetic": lambda device,
+    tiny: aesthetic_reward(AestheticScorer.tiny() if tiny else AestheticScorer.from_pretrained(device)),
     "pickscore": lambda device, tiny: pickscore_reward(PickScore.tiny() if tiny else PickScore.from_pretrained(device)),
     "jpeg_compressibility": lambda device, tiny: jpeg_compressibility(),
     "jpeg_incompressibility": lambda device, tiny: jpeg_incompressibility(),

@@ -26,7 +26,8 @@ def resolve_trackers(names:list[str], # `run.trackers`: tracker names, or ["auto
     if "auto" in names: return installed
     missing = [n for n in names if n not in installed]
     if missing:
-        raise ConfigError(f"run.trackers={names!r}: {missing[0]} is not installed (pip install {missing[0]}), or use []")
+        raise ConfigError(f"run.trackers={names!r}: {missing[0]} is not installed "
+                          f"(pip install {missing[0]}), or use []")
     return list(names)
 
 def wandb_logged_in() -> bool:
@@ -124,7 +125,7 @@ def latest_checkpoint(run_dir:str|Path) -> Path|None:
     return cks[-1] if cks else None
 
 def write_checkpoint(acc:Accelerator, run_dir:str|Path, epoch:int, keep:int) -> Path:
-    "Write a complete checkpoint of every process's state as `checkpoints/epoch-NNNN`, atomically; keep the newest `keep`."
+    "Write every process's state as `checkpoints/epoch-NNNN`, atomically; keep the newest `keep` checkpoints."
     ck = Path(run_dir)/"checkpoints"
     tmp, final = ck/f".tmp-epoch-{epoch:04d}", ck/f"epoch-{epoch:04d}"
     if acc.is_main_process:

@@ -42,7 +42,8 @@ def ddim_step(scheduler:DDIMScheduler, # its `set_timesteps` fixes the schedule
     "One DDIM step from `sample` with the Gaussian log-probability of `prev_sample` (sampled if not given)."
     if not eta > 0: raise ValueError(f"eta={eta}: the DDIM step is deterministic for eta <= 0, so its log-probability "
                                      "is undefined. Use eta > 0 (1.0 is the usual choice for DDPO).")
-    if scheduler.num_inference_steps is None: raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step")
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step")
     cfg = scheduler.config
     if cfg.thresholding: raise NotImplementedError("dynamic thresholding is not supported; set thresholding=False")
     x_t, out = sample.float(), model_output.float()
@@ -70,8 +71,10 @@ def ddim_step(scheduler:DDIMScheduler, # its `set_timesteps` fixes the schedule
         noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
         prev_sample = mean + std * noise                                                     # x_t' = μ + ησz
     prev_sample = prev_sample.float()
-    safe_std = torch.where(std > 0, std, torch.ones_like(std))                              # σ=0: any finite value, masked below
-    log_prob = (-(prev_sample.detach() - mean)**2 / (2 * safe_std**2) - safe_std.log() - math.log(math.sqrt(2 * math.pi)))
+    # σ=0: any finite value, masked below
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    log_prob = (-(prev_sample.detach() - mean)**2 / (2 * safe_std**2) - safe_std.log()
+                - math.log(math.sqrt(2 * math.pi)))
     log_prob = log_prob.mean(dim=tuple(range(1, x_t.ndim)))                                  # mean over dimensions
     log_prob = torch.where(std.reshape(-1) > 0, log_prob, torch.zeros_like(log_prob))        # σ=0: a sure step
     return DDIMStep(prev_sample, mean, std, log_prob, x0)
@@ -109,18 +112,21 @@ class Trajectory:
         "The trajectories at `idx` (an int, slice, index tensor or list)."
         if isinstance(idx, int): idx = [idx]
         idx_list = range(len(self))[idx] if isinstance(idx, slice) else torch.as_tensor(idx).tolist()
-        get = lambda v: None if v is None else v[idx] if isinstance(idx, slice) else v[torch.as_tensor(idx, device=v.device)]
+        get = lambda v: (None if v is None else v[idx] if isinstance(idx, slice)
+                         else v[torch.as_tensor(idx, device=v.device)])
         return Trajectory(**{f.name: get(getattr(self, f.name)) for f in fields(self) if f.name != "prompts"},
                           prompts=[self.prompts[i] for i in idx_list])
 
     def to(self, device) -> Trajectory:
-        return Trajectory(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v) for f in fields(self)})
+        return Trajectory(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name),
+                                                                 Tensor) else v) for f in fields(self)})
 
     @classmethod
     def cat(cls, trajs:list[Trajectory]) -> Trajectory:
         "Concatenate trajectories along the batch."
         cat = lambda name: None if getattr(trajs[0], name) is None else torch.cat([getattr(t, name) for t in trajs])
-        return cls(**{f.name: cat(f.name) for f in fields(cls) if f.name != "prompts"}, prompts=[p for t in trajs for p in t.prompts])
+        return cls(**{f.name: cat(f.name) for f in fields(cls) if f.name != "prompts"},
+                   prompts=[p for t in trajs for p in t.prompts])
 
     @property
     def final_latents(self) -> Tensor: return self.latents[:, -1]
@@ -145,7 +151,8 @@ def sample_trajectories(pipe:StableDiffusionPipeline, # with a DDIM scheduler (s
     sched.set_timesteps(num_steps, device=device)
     B, size = len(prompts), unet.config.sample_size
     if latents is None:
-        latents = randn_tensor((B, unet.config.in_channels, size, size), generator=generator, device=device, dtype=torch.float32)
+        latents = randn_tensor((B, unet.config.in_channels, size, size), generator=generator, device=device,
+                               dtype=torch.float32)
     latents = latents.float() * sched.init_noise_sigma
     all_latents, all_log_probs = [latents], []
     for t in progress_bar(sched.timesteps, leave=False) if progress else sched.timesteps:
@@ -173,7 +180,7 @@ def policy_step(unet, scheduler:DDIMScheduler, # scheduler with `set_timesteps` 
                 timesteps:Tensor, # t [B]
                 cond:Tensor, uncond:Tensor|None, # prompt and empty-prompt embeddings
                 guidance_scale:float, eta:float) -> DDIMStep:
-    "The policy's Gaussian step at x_t under the current weights, with the log-probability of `next_latents` (differentiable)."
+    "The policy's Gaussian step at x_t under the current weights, with the log-probability of `next_latents`."
     pred = guided_prediction(unet, latents, timesteps, cond, uncond, guidance_scale)
     return ddim_step(scheduler, pred, timesteps, latents, eta=eta, prev_sample=next_latents)
 
@@ -185,7 +192,8 @@ def step_log_prob(unet, scheduler:DDIMScheduler, latents:Tensor, next_latents:Te
 def trajectory_log_probs(pipe:StableDiffusionPipeline, traj:Trajectory, guidance_scale:float, eta:float=1.0) -> Tensor:
     "Every step's log-probability `[B, T]` of `traj` under the pipeline's current weights."
     pipe.scheduler.set_timesteps(traj.timesteps.shape[1], device=traj.latents.device)
-    return torch.stack([step_log_prob(pipe.unet, pipe.scheduler, traj.latents[:, j], traj.latents[:, j+1], traj.timesteps[:, j],
+    return torch.stack([step_log_prob(pipe.unet, pipe.scheduler, traj.latents[:, j], traj.latents[:, j+1],
+                                      traj.timesteps[:, j],
                                       traj.prompt_embeds, traj.uncond_embeds, guidance_scale, eta)
                         for j in range(traj.timesteps.shape[1])], dim=1)
 

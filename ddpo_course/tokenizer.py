@@ -26,7 +26,8 @@ def clip_tokenizer_files(folder:str|Path, # where to write vocab.json and merges
     table = Path(open_clip.__file__).parent/"bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(table).read().decode("utf-8").split("\n")[1:49152-256-2+1]
     symbols = _bytes_to_unicode()
-    vocab = symbols + [s+"</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = (symbols + [s+"</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+             + ["<|startoftext|>", "<|endoftext|>"])
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     (folder/"vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (folder/"merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

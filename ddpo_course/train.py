@@ -69,7 +69,8 @@ def _register_lora_hooks(acc:Accelerator):
     def save_hook(models, weights, output_dir):
         if acc.is_main_process:
             sd = get_peft_model_state_dict(acc.unwrap_model(models[0]))
-            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(Path(output_dir)/"unet_lora.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()},
+                      str(Path(output_dir)/"unet_lora.safetensors"))
         if weights: weights.pop()
     def load_hook(models, input_dir):
         model = models.pop()
@@ -84,7 +85,7 @@ def _world_captions(prompts:list[str]) -> bool:
 
 @patch
 def pair_scores(self:DDPOTrainer, images:torch.Tensor, prompts:list[str]) -> dict[str, torch.Tensor]:
-    "Per evaluation pair: the trained reward, each monitored reward and, for shape-world prompts, the judge's 0/1 `aligned`."
+    "Per evaluation pair: the trained reward, each monitored one and, on shape-world prompts, the judge's `aligned`."
     out = {"reward": self.reward_fn(images, prompts), **{n: f(images, prompts) for n, f in self.monitor_fns.items()}}
     if _world_captions(prompts):    # the independent observer of lesson 00a, never a reward
         if getattr(self, "judge", None) is None: self.judge = load_judge()
@@ -111,7 +112,7 @@ def draw(self:DDPOTrainer, prompts:list[str], seed:int) -> torch.Tensor:
 
 @patch
 def evaluate(self:DDPOTrainer, epoch:int) -> dict:
-    "Sample the evaluation prompts from the fixed seed, save the captioned grid, score held-out prompts. Epoch -1: before."
+    "Sample the evaluation prompts from the fixed seed, save the grid, score held-out prompts. Epoch -1: before."
     cfg, result, error = self.cfg, {}, None
     stem, title = (f"eval-epoch-{epoch:04d}", f"epoch {epoch}") if epoch >= 0 else ("eval-before", "before training")
     if self.main:
@@ -186,7 +187,8 @@ def log_epoch(self:DDPOTrainer, metrics:dict, all_rewards:torch.Tensor):
     if self.trackers:
         self.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["epoch"])
         if self.main and "tensorboard" in self.trackers:
-            self.acc.get_tracker("tensorboard", unwrap=True).add_histogram("reward", all_rewards.numpy(), metrics["epoch"])
+            self.acc.get_tracker("tensorboard", unwrap=True).add_histogram("reward", all_rewards.numpy(),
+                                                                           metrics["epoch"])
     if self.main:
         append_jsonl(self.run_dir/"metrics.jsonl", metrics)
         plot_reward_curve(self.run_dir, self.run_dir/"reward_curve.png")
@@ -210,7 +212,8 @@ def train(self:DDPOTrainer):
         t1 = time.perf_counter()
         self.compute_advantages(epoch, samples)
         t2 = time.perf_counter()
-        snr = self.measure_snr(epoch, samples.traj, samples.advantages) if cfg.run.snr_every and epoch % cfg.run.snr_every == 0 else {}
+        measure = cfg.run.snr_every and epoch % cfg.run.snr_every == 0
+        snr = self.measure_snr(epoch, samples.traj, samples.advantages) if measure else {}
         t_snr = time.perf_counter()
         stats = self.train_epoch(epoch, samples.traj, samples.advantages)
         t3 = time.perf_counter()
@@ -226,11 +229,13 @@ def train(self:DDPOTrainer):
         metrics = dict(epoch=epoch, global_step=self.state.global_step, reward_mean=r.mean().item(),
                        reward_std=r.std(unbiased=False).item(), reward_min=r.min().item(), reward_max=r.max().item(),
                        reward_hist=hist.tolist(), reward_bins=edges.tolist(), **monitored, **stats, **snr,
-                       **samples.diversity, lr=self.lr_sched.get_last_lr()[0], eval_reward=evals.pop("eval_reward", None),
+                       **samples.diversity, lr=self.lr_sched.get_last_lr()[0],
+                       eval_reward=evals.pop("eval_reward", None),
                        **evals, **samples.times, gather_s=t2 - t1, snr_s=t_snr - t2, training_s=t3 - t_snr,
                        eval_s=t4 - t3, checkpoint_s=checkpoint_s, epoch_s=epoch_s,
                        samples_per_s=cfg.sample.samples_per_epoch / epoch_s, peak_rss_mb=peak_rss_mb(acc))
-        if eval_before is not None and epoch == epochs.start: metrics.update({f"{k}_before": v for k, v in eval_before.items()})
+        if eval_before is not None and epoch == epochs.start:
+            metrics.update({f"{k}_before": v for k, v in eval_before.items()})
         self.log_epoch(metrics, r)
         if mb is not None:
             mb.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "

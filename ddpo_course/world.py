@@ -37,7 +37,8 @@ IMAGE_SIZE = 32        # images are IMAGE_SIZE x IMAGE_SIZE RGB
 
 def combo_weights() -> dict:
     "Relative frequency of each (colour, shape) pair: 1 common, `RARE_WEIGHT` rare, 0 held out."
-    return {(c, s): 0.0 if (c, s) in HELD_OUT else RARE_WEIGHT if (c, s) in RARE else 1.0 for c in COLOURS for s in SHAPES}
+    return {(c, s): 0.0 if (c, s) in HELD_OUT else RARE_WEIGHT if (c, s) in RARE else 1.0
+            for c in COLOURS for s in SHAPES}
 
 def pair_kind(colour:str, shape:str) -> str:
     "'common', 'rare' or 'held-out'."
@@ -56,7 +57,8 @@ def parse_caption(prompt:str) -> tuple[str, str, str]:
     "(colour, shape, background) of a world caption, or a `ValueError` saying what a caption looks like."
     m = _CAPTION.fullmatch(prompt.strip().lower())
     if not m or m[1] not in COLOURS or m[2] not in SHAPES or m[3] not in BACKGROUNDS:
-        raise ValueError(f"prompt {prompt!r} is not a shape-world caption: expected 'a <colour> <shape> on a <background> "
+        raise ValueError(f"prompt {prompt!r} is not a shape-world caption: "
+                         "expected 'a <colour> <shape> on a <background> "
                          f"background' with colour in {', '.join(COLOURS)}; shape in {', '.join(SHAPES)}; "
                          f"background in {', '.join(BACKGROUNDS)}")
     return m[1], m[2], m[3]
@@ -82,13 +84,16 @@ def draw_shape(shape:str, colour:tuple, background:tuple, size:float, cx:float, 
     r, x, y, fill = size * k, cx * k, cy * k, tuple(colour)
     if shape == "circle": d.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif shape == "square": s = 0.85 * r; d.rectangle([x - s, y - s, x + s, y + s], fill=fill)
-    elif shape == "triangle": d.polygon([(x, y - r), (x + 0.95 * r, y + 0.75 * r), (x - 0.95 * r, y + 0.75 * r)], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(x, y - r), (x + 0.95 * r, y + 0.75 * r), (x - 0.95 * r, y + 0.75 * r)], fill=fill)
     elif shape == "cross":
-        w = 0.38 * r; d.rectangle([x - r, y - w, x + r, y + w], fill=fill); d.rectangle([x - w, y - r, x + w, y + r], fill=fill)
+        w = 0.38 * r; d.rectangle([x - r, y - w, x + r, y + w], fill=fill); d.rectangle([x - w, y - r, x + w, y + r],
+                                                                                        fill=fill)
     else: raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     return np.asarray(im.resize((res, res), Image.BOX))
 
-def _jitter(rgb, rng, amount:int) -> tuple: return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)
+def _jitter(rgb, rng, amount:int) -> tuple:
+    return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)
 
 def random_scene(rng:np.random.Generator, pairs:list, probs:np.ndarray) -> Scene:
     "A scene with a (colour, shape) pair drawn from `pairs` with `probs`, any background, size and position."
@@ -133,7 +138,8 @@ def world_tensors(n:int, seed:int=0, pairs:list|None=None) -> tuple[Tensor, list
 
 def labels_of(scenes:list[Scene]) -> tuple[Tensor, Tensor]:
     "Class indices `[N, 3]` (shape, colour, background) and geometry `[N, 3]` (size/12, cx/H, cy/H)."
-    cls = torch.tensor([[SHAPES.index(s.shape), list(COLOURS).index(s.colour), list(BACKGROUNDS).index(s.background)] for s in scenes])
+    cls = torch.tensor([[SHAPES.index(s.shape), list(COLOURS).index(s.colour),
+                         list(BACKGROUNDS).index(s.background)] for s in scenes])
     geo = torch.tensor([[s.size / 12, s.cx / IMAGE_SIZE, s.cy / IMAGE_SIZE] for s in scenes], dtype=torch.float32)
     return cls, geo
 
@@ -153,7 +159,8 @@ def gold_parts(images) -> dict[str, Tensor]:
     off = torch.sqrt((cy - (H - 1) / 2)**2 + (cx - (W - 1) / 2)**2) / (H / 2)        # distance from the middle
     fg = (x * m[:, None]).sum(dim=(2, 3)) / mass[:, None]                            # shape colour [B, 3]
     hi, lo = fg.max(dim=1).values, fg.min(dim=1).values
-    has = (area > 0.01).float()                                                      # no shape: no centre, colour or contrast
+    # no shape: no centre, colour or contrast
+    has = (area > 0.01).float()
     return dict(size=(area / 0.3).clamp(max=1), centred=has * (1 - off / 0.6).clamp(0, 1),
                 saturated=has * (hi - lo) / hi.clamp_min(1e-6), contrast=has * (fg - bg).norm(dim=1) / math.sqrt(3))
 
@@ -167,7 +174,8 @@ class ShapeNet(nn.Module):
     def __init__(self, dim:int=64): # embedding size
         super().__init__()
         def block(i, o, stride): return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1), nn.GroupNorm(8, o), nn.SiLU())
-        self.body = nn.Sequential(block(3, 32, 1), block(32, 32, 2), block(32, 64, 1), block(64, 64, 2), block(64, dim, 2))
+        self.body = nn.Sequential(block(3, 32, 1), block(32, 32, 2), block(32, 64, 1), block(64, 64, 2),
+                                  block(64, dim, 2))
         self.shape, self.colour = nn.Linear(dim, len(SHAPES)), nn.Linear(dim, len(COLOURS))
         self.background, self.geometry = nn.Linear(dim, len(BACKGROUNDS)), nn.Linear(dim, 3)
 
@@ -180,7 +188,8 @@ class ShapeNet(nn.Module):
     def forward(self, images) -> dict[str, Tensor]:
         "Logits of shape, colour and background, and geometry (size/12, cx/H, cy/H)."
         f = self.features(image_batch(images, self.device))
-        return dict(shape=self.shape(f), colour=self.colour(f), background=self.background(f), geometry=self.geometry(f))
+        return dict(shape=self.shape(f), colour=self.colour(f), background=self.background(f),
+                    geometry=self.geometry(f))
 
 def perception_loss(out:dict, cls:Tensor, geo:Tensor) -> Tensor:
     "Cross-entropy of the three names plus the squared error of the geometry."
@@ -217,7 +226,8 @@ def train_shapenet(steps:int=800, # optimizer steps
 def perception_accuracy(net:ShapeNet, images, cls:Tensor) -> dict[str, float]:
     "Fraction of `images` whose shape, colour and background `net` names right."
     out = net(images)
-    return {k: (out[k].argmax(-1).cpu() == cls[:, j]).float().mean().item() for j, k in enumerate(("shape", "colour", "background"))}
+    return {k: (out[k].argmax(-1).cpu() == cls[:, j]).float().mean().item()
+            for j, k in enumerate(("shape", "colour", "background"))}
 
 # %% ../nbs/00a_world.ipynb #3f27934e
 def load_shapenet(device:str|torch.device|None=None) -> ShapeNet:
@@ -233,7 +243,8 @@ class ShapeJudge(nn.Module):
     def __init__(self, width:int=32):
         super().__init__()
         def block(i, o): return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
-                                              nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+                                              nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                              nn.MaxPool2d(2))
         self.body = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 2 * width))   # 32 -> 4
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(2 * width * 16, 128), nn.ReLU())
         self.shape, self.colour = nn.Linear(128, len(SHAPES)), nn.Linear(128, len(COLOURS))
@@ -253,11 +264,12 @@ def augment(x:Tensor, # images [B, 3, H, W] in [0, 1]
     B = len(x)
     sigma = 1.2 * torch.rand(B, generator=g)
     x = torch.stack([gaussian_blur(im[None], [5, 5], [s.item()])[0] if s > 0.2 else im for im, s in zip(x, sigma)])
-    x = x * (1 + 0.12 * (2 * torch.rand(B, 1, 1, 1, generator=g) - 1)) + 0.04 * (2 * torch.rand(B, 3, 1, 1, generator=g) - 1)
+    x = (x * (1 + 0.12 * (2 * torch.rand(B, 1, 1, 1, generator=g) - 1))
+         + 0.04 * (2 * torch.rand(B, 3, 1, 1, generator=g) - 1))
     return (x + 0.08 * torch.rand(B, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
 def train_judge(steps:int=1000, batch_size:int=64, lr:float=2e-3, seed:int=7,
-                n_images:int=20_000, # training images, every pair drawn uniformly, from a world seed no other network uses
+                n_images:int=20_000, # training images, every pair drawn uniformly, from a world seed no other net uses
                ) -> tuple[ShapeJudge, list[float]]:
     "A `ShapeJudge` trained on augmented world images, and its losses."
     torch.manual_seed(seed)
@@ -277,11 +289,12 @@ def load_judge(device:str|torch.device|None=None) -> ShapeJudge:
 
 @torch.no_grad()
 def judged_aligned(images, prompts:list[str], # world captions, one per image
-                   judge:nn.Module|None=None, # a `ShapeJudge` (or any net with shape and colour logits); None loads the shipped one
+                   judge:nn.Module|None=None, # a `ShapeJudge` (a net with shape and colour logits); None: the shipped
                   ) -> dict[str, Tensor]:
-    "Per image, whether `judge` reads the prompt's shape and colour (`aligned`) and its background (`background`): bool `[B]`."
+    "Per image, whether `judge` reads the prompt's shape and colour (`aligned`) and background (`background`), bool."
     judge = judge or load_judge()
     named = [parse_caption(p) for p in prompts]                    # (colour, shape, background)
     out = {k: v.argmax(-1).cpu() for k, v in judge(images).items()}
     want = torch.tensor([[SHAPES.index(s), list(COLOURS).index(c), list(BACKGROUNDS).index(b)] for c, s, b in named])
-    return dict(aligned=(out["shape"] == want[:, 0]) & (out["colour"] == want[:, 1]), background=out["background"] == want[:, 2])
+    return dict(aligned=(out["shape"] == want[:, 0]) & (out["colour"] == want[:, 1]),
+                background=out["background"] == want[:, 2])
