@@ -17,10 +17,11 @@ from .prompts import PROMPT_SETS, PICKAPIC_EXTRA, PromptSetName, get_prompts
 from .rewards import REWARDS, RewardName
 
 # %% auto #0
-__all__ = ['Precision', 'Method', 'Baseline', 'TimestepChoice', 'TRACKERS', 'COMPILE_MODES', 'RESUMABLE', 'ModelConfig',
-           'SampleConfig', 'RewardConfig', 'TrainConfig', 'RunConfig', 'Config', 'ConfigError', 'config_from_dict',
-           'set_field', 'apply_overrides', 'config_to_dict', 'preset_names', 'load_config', 'preset_description',
-           'config_changes', 'trained_steps', 'timesteps_per_call', 'minibatches_per_step', 'validate']
+__all__ = ['Precision', 'Method', 'Baseline', 'TimestepChoice', 'TRACKERS', 'COMPILE_MODES', 'RESUMABLE', 'SAMPLE_CALL_ROWS',
+           'ModelConfig', 'SampleConfig', 'RewardConfig', 'TrainConfig', 'RunConfig', 'Config', 'ConfigError',
+           'config_from_dict', 'set_field', 'apply_overrides', 'config_to_dict', 'preset_names', 'load_config',
+           'preset_description', 'config_changes', 'trained_steps', 'timesteps_per_call', 'batches_per_call',
+           'minibatches_per_step', 'validate']
 
 # %% ../nbs/06a_config.ipynb #69d11914
 Precision = Literal["no", "bf16", "fp16"]           # model.mixed_precision
@@ -51,6 +52,7 @@ class SampleConfig:
     samples_per_epoch: int = 32        # trajectories per epoch, over all processes
     batch_size: int = 16               # trajectories per sampling batch, per process
     images_per_prompt: int = 1         # k: each drawn prompt is sampled k times in an epoch (a group; train.advantages)
+    batches_per_call: str = "auto"     # sampling batches per UNet call: auto, all, or a number (each keeps its noise)
 
 @dataclass
 class RewardConfig:
@@ -261,6 +263,17 @@ def timesteps_per_call(cfg:Config, cuda:bool) -> int:
     k = str(cfg.train.timesteps_per_call).lower()
     return trained_steps(cfg) if k == "all" or (k == "auto" and not cuda) else 1 if k == "auto" else int(k)
 
+SAMPLE_CALL_ROWS = 128   # `auto` on a CPU: sampling calls of up to this many UNet rows (lesson 90: per row, cheapest)
+
+def batches_per_call(cfg:Config, cuda:bool, num_processes:int=1) -> int:
+    "Sampling batches per UNet call. `auto`: on a CPU as many as fill `SAMPLE_CALL_ROWS` rows, one on a GPU (memory)."
+    s, k = cfg.sample, str(cfg.sample.batches_per_call).lower()
+    n = max(1, s.samples_per_epoch // num_processes // s.batch_size)       # sampling batches per process and epoch
+    if k == "all": return n
+    if k != "auto": return min(int(k), n)
+    rows = s.batch_size * (2 if s.guidance_scale != 1.0 else 1)           # a guided trajectory is two UNet rows
+    return 1 if cuda else max(1, min(n, SAMPLE_CALL_ROWS // rows))
+
 def minibatches_per_step(cfg:Config, num_processes:int=1) -> int:
     "Minibatches each process accumulates per optimizer step: `gradient_accumulation`, or from `global_batch_size`."
     g = cfg.train.global_batch_size
@@ -293,6 +306,9 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
         _err("train.timesteps_per_call", t.timesteps_per_call,
              f"use auto, all, or a positive divisor of the {n} trained timesteps "
              f"per trajectory (sample.num_steps x train.timestep_fraction)")
+    k = str(s.batches_per_call).lower()
+    if k not in ("auto", "all") and not (k.isdigit() and int(k) >= 1):
+        _err("sample.batches_per_call", s.batches_per_call, "use auto, all, or a positive number of sampling batches")
     if not t.learning_rate > 0: _err("train.learning_rate", t.learning_rate, "must be > 0")
     for path, v in (("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size), ("train.epochs", t.epochs),
                     ("train.inner_epochs", t.inner_epochs), ("train.gradient_accumulation", t.gradient_accumulation),

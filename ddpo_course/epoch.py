@@ -17,7 +17,8 @@ from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
 
 from .advantages import PerPromptStatTracker, batch_normalize, group_normalize
-from .config import Config, validate, trained_steps, timesteps_per_call, minibatches_per_step
+from .config import (Config, validate, trained_steps, timesteps_per_call, batches_per_call,
+                                minibatches_per_step)
 from .images import image_diversity
 from .loss import ddpo_loss, forward_draws, gaussian_kl, gradient_snr, nft_gradient_snr, nft_loss
 from .models import load_pipeline, quiet_hf
@@ -80,6 +81,7 @@ class EpochTrainer:
         self.acc.gradient_accumulation_steps = n_train // k * self.minibatches_per_step   # right for a given one too
         self.acc.wait_for_everyone()
         self.n_train_steps, self.timesteps_per_call, self.trackers = n_train, k, trackers
+        self.batches_per_call = batches_per_call(cfg, torch.cuda.is_available(), self.acc.num_processes)
         self.state = TrainState()
         self._set_up = False
 
@@ -184,22 +186,25 @@ def sample_epoch(self:EpochTrainer, epoch:int) -> EpochSamples:
         except Exception as e:
             return None, f"reward {cfg.reward.name!r} failed: {type(e).__name__}: {e}"   # OOM, a bug...
         finally: times["scoring_s"] += time.perf_counter() - t0
-    batches = range(0, per_process, s.batch_size)
+    per_call = s.batch_size * self.batches_per_call                  # trajectories per UNet call
     overlap = {"auto": acc.device.type == "cuda", "true": True, "false": False}[str(cfg.reward.overlap).lower()]
     with ThreadPoolExecutor(max_workers=1) as pool:
         submit = pool.submit if overlap else _run_now
-        for b in _bar(batches, self.main and cfg.run.progress, getattr(self, '_mb', None)):
-            batch = prompts[b:b + s.batch_size]
+        for c in _bar(range(0, per_process, per_call), self.main and cfg.run.progress, getattr(self, '_mb', None)):
+            batches = range(c, min(c + per_call, per_process), s.batch_size)
+            # each batch its own generator, as if sampled alone (`draw_noise`)
+            gens = [generator(cfg.run.seed, 2, epoch, acc.process_index, b) for b in batches]
             t0 = time.perf_counter()
             with acc.autocast():
-                traj = sample_trajectories(self.pipe, batch, s.num_steps, s.guidance_scale, s.eta,
-                                           generator=generator(cfg.run.seed, 2, epoch, acc.process_index, b))
+                traj = sample_trajectories(self.pipe, prompts[c:c + per_call], s.num_steps, s.guidance_scale, s.eta,
+                                           generator=[g for g in gens for _ in range(s.batch_size)])
                 if acc.device.type == "cuda": torch.cuda.synchronize()   # so the clock splits sampling from decoding
                 t1 = time.perf_counter()
                 images = decode_latents(self.pipe.vae, traj.final_latents).cpu()
             t2 = time.perf_counter()
             times["sampling_s"] += t1 - t0; times["decoding_s"] += t2 - t1
-            trajs.append(traj); all_images.append(images); futures.append(submit(score, images, batch))
+            trajs.append(traj); all_images.append(images)
+            futures += [submit(score, images[b - c:b - c + s.batch_size], prompts[b:b + s.batch_size]) for b in batches]
         t0 = time.perf_counter()
         results = [f.result() for f in futures]
     times["score_wait_s"] = time.perf_counter() - t0    # scoring not hidden behind sampling

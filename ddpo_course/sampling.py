@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_ddim_logprob.ipynb #b12816b9
 from __future__ import annotations
-import math
+import itertools, math
 from dataclasses import dataclass, fields
 
 import torch
@@ -16,8 +16,8 @@ from fastprogress.fastprogress import progress_bar
 from .models import encode_prompts, encode_with_uncond
 
 # %% auto #0
-__all__ = ['DDIMStep', 'ddim_step', 'guided_prediction', 'Trajectory', 'sample_trajectories', 'decode_latents', 'policy_step',
-           'step_log_prob', 'trajectory_log_probs', 'show_trajectory', 'trajectory_viewer']
+__all__ = ['DDIMStep', 'draw_noise', 'ddim_step', 'guided_prediction', 'Trajectory', 'sample_trajectories', 'decode_latents',
+           'policy_step', 'step_log_prob', 'trajectory_log_probs', 'show_trajectory', 'trajectory_viewer']
 
 # %% ../nbs/02_ddim_logprob.ipynb #c6305dca
 @dataclass
@@ -29,6 +29,17 @@ class DDIMStep:
     log_prob: Tensor    # log p_θ(x_{t'} | x_t, c), averaged over the latent's dimensions: [B]
     pred_original_sample: Tensor # x̂_0
 
+def draw_noise(shape:tuple, # the noise's shape, rows first
+               generator:torch.Generator|list|None, # one for all rows, or a list with one per row
+               device:torch.device|str, dtype:torch.dtype=torch.float32) -> Tensor:
+    """Standard normal noise. Rows given the same generator (consecutive in a list) draw from it together, as a batch
+    of their own would: batches sampled in one call get the noise they get sampled alone."""
+    if not isinstance(generator, list): return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} rows: give one generator per row, or one for all")
+    return torch.cat([randn_tensor((len(list(rows)), *shape[1:]), generator=g, device=device, dtype=dtype)
+                      for g, rows in itertools.groupby(generator)])
+
 def _per_sample(v:Tensor, ndim:int) -> Tensor: return v.reshape(-1, *([1] * (ndim - 1)))
 
 def ddim_step(scheduler:DDIMScheduler, # its `set_timesteps` fixes the schedule
@@ -37,7 +48,7 @@ def ddim_step(scheduler:DDIMScheduler, # its `set_timesteps` fixes the schedule
               sample:Tensor, # x_t
               eta:float=1.0, # η > 0: the noise scale; 1 is DDPM-like
               prev_sample:Tensor|None=None, # x_{t'} to evaluate; None samples it
-              generator:torch.Generator|list|None=None, # for the sampled noise
+              generator:torch.Generator|list|None=None, # for the sampled noise (see `draw_noise`)
              ) -> DDIMStep:
     "One DDIM step from `sample` with the Gaussian log-probability of `prev_sample` (sampled if not given)."
     if not eta > 0: raise ValueError(f"eta={eta}: the DDIM step is deterministic for eta <= 0, so its log-probability "
@@ -68,7 +79,7 @@ def ddim_step(scheduler:DDIMScheduler, # its `set_timesteps` fixes the schedule
     std = eta * variance.sqrt()                                                              # η σ_t
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps                           # μ_θ
     if prev_sample is None:
-        noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
+        noise = draw_noise(x_t.shape, generator, x_t.device)
         prev_sample = mean + std * noise                                                     # x_t' = μ + ησz
     prev_sample = prev_sample.float()
     # σ=0: any finite value, masked below
@@ -138,7 +149,7 @@ def sample_trajectories(pipe:StableDiffusionPipeline, # with a DDIM scheduler (s
                         num_steps:int=50, # T, DDIM steps
                         guidance_scale:float=5.0, # w; 1 disables guidance
                         eta:float=1.0, # DDIM noise scale, > 0
-                        generator:torch.Generator|list|None=None, # seeds the initial noise and every step
+                        generator:torch.Generator|list|None=None, # seeds x_T and every step's noise; a list: per row
                         latents:Tensor|None=None, # x_T to start from; None samples it
                         embeds:tuple[Tensor, Tensor|None]|None=None, # precomputed (cond, uncond) embeddings
                         progress:bool=False, # show a progress bar over the steps
@@ -151,8 +162,7 @@ def sample_trajectories(pipe:StableDiffusionPipeline, # with a DDIM scheduler (s
     sched.set_timesteps(num_steps, device=device)
     B, size = len(prompts), unet.config.sample_size
     if latents is None:
-        latents = randn_tensor((B, unet.config.in_channels, size, size), generator=generator, device=device,
-                               dtype=torch.float32)
+        latents = draw_noise((B, unet.config.in_channels, size, size), generator, device)
     latents = latents.float() * sched.init_noise_sigma
     all_latents, all_log_probs = [latents], []
     for t in progress_bar(sched.timesteps, leave=False) if progress else sched.timesteps:

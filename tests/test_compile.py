@@ -9,7 +9,8 @@ def test_compiled_unet_is_the_eager_run_up_to_rounding_and_resumes(tmp_path, mon
     steps' log-ratio within 1e-5 of 0 (generated kernels round differently with and without gradients), the run the
     eager one's up to rounding, and a resumed compiled run continues it."""
     seen = record_log_ratios(monkeypatch)
-    args = ("sample.num_steps=4", "train.timestep_fraction=0.5", "train.timesteps_per_call=1", "run.checkpoint_every=1",
+    args = ("sample.num_steps=4", "train.timestep_fraction=0.5", "train.timesteps_per_call=1", "sample.batches_per_call=1",
+            "run.checkpoint_every=1",
             "train.log_kl_ref=false")                      # no reference copy to compile: the test takes minutes as it is
     eager = DDPOTrainer(small(tmp_path/"eager", "train.epochs=2", *args)).train()
     assert seen[:2] == [0.0, 0.0], seen[:2]

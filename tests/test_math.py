@@ -20,9 +20,9 @@ def _recording(monkeypatch, name, keep):
 def test_ratio_is_one_at_the_first_micro_step_of_the_trainers_own_indexing(tmp_path, monkeypatch, per_call, calls_per_step):
     seen = record_log_ratios(monkeypatch)
     DDPOTrainer(small(tmp_path/"run", "train.epochs=1", "sample.num_steps=4", "train.timestep_fraction=0.5",
-                      f"train.timesteps_per_call={per_call}")).train()
+                      f"train.timesteps_per_call={per_call}", "sample.batches_per_call=1")).train()
     accumulate = calls_per_step     # loss calls per minibatch (2 timesteps, one or both per call): the first optimizer step comes after them
-    if per_call == "1":             # the UNet sees the batches it saw while sampling: the log-ratio is exactly 0
+    if per_call == "1":             # the UNet sees the batches it saw while sampling (one per call): the log-ratio is exactly 0
         assert max(seen[:accumulate]) == 0, seen[:accumulate]
     else:                           # two timesteps in one call: other float32 kernels (1e-6 at one thread), same weights
         assert max(seen[:accumulate]) < 1e-5, seen[:accumulate]
@@ -110,6 +110,23 @@ def test_scoring_in_a_thread_or_in_sequence_gives_the_same_epoch(tmp_path):
     torch.testing.assert_close(out["true"][1], out["false"][1], rtol=0, atol=0)
     assert out["true"][2] == out["false"][2] and error is None
 
+def test_batches_sampled_in_one_call_are_the_batches_sampled_alone(tmp_path):
+    "sample.batches_per_call: two batches in one UNet call per step get the noise, prompts and samples they get alone."
+    out, calls = {}, {}
+    for k in ("1", "2"):
+        tr = DDPOTrainer(small(tmp_path/k, f"sample.batches_per_call={k}")).setup()
+        n = [0]
+        h = tr.acc.unwrap_model(tr.unet).register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        out[k] = tr.sample_epoch(0); h.remove(); calls[k] = n[0]
+    one, two = out["1"], out["2"]
+    assert (calls["1"], calls["2"]) == (2 * 4, 4)              # 2 batches x 4 steps, or one call per step
+    assert one.prompts == two.prompts and one.error is None and two.error is None
+    torch.testing.assert_close(one.traj.latents[:, 0], two.traj.latents[:, 0], rtol=0, atol=0)   # x_T bit for bit
+    rel = (one.traj.latents - two.traj.latents).abs().max() / one.traj.latents.abs().max()
+    assert rel < 1e-5, rel                                      # then float rounding of the larger call only
+    torch.testing.assert_close(one.traj.log_probs, two.traj.log_probs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one.rewards, two.rewards, rtol=1e-3, atol=1e-3)
+
 def test_channels_last_is_the_same_run_on_other_kernels(tmp_path, monkeypatch):
     "model.channels_last: the UNet's weights in channels-last format, the replay still exact, the run the plain one's up to rounding."
     seen = record_log_ratios(monkeypatch)
@@ -117,7 +134,7 @@ def test_channels_last_is_the_same_run_on_other_kernels(tmp_path, monkeypatch):
     for cl in ("false", "true"):
         seen.clear()
         tr = DDPOTrainer(small(tmp_path/cl, "train.epochs=2", "sample.num_steps=4", "train.timestep_fraction=0.5",
-                               "train.timesteps_per_call=1", f"model.channels_last={cl}"))
+                               "train.timesteps_per_call=1", "sample.batches_per_call=1", f"model.channels_last={cl}"))
         runs[cl] = tr.train()
         assert tr.acc.unwrap_model(tr.unet).conv_in.weight.is_contiguous(memory_format=torch.channels_last) == (cl == "true")
         assert seen[:2] == [0.0, 0.0], seen[:2]       # the batches sampling saw, on the same kernels: log-ratio exactly 0
