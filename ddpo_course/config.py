@@ -238,9 +238,9 @@ TRACKERS = ("tensorboard", "wandb", "auto")
 
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-RESUMABLE = {"train.epochs", "model.compile", "train.log_kl_ref", "reward.monitor", "reward.heldout",
-             "reward.heldout_samples", "reward.overlap"} | {
-    # what a resume may change: length, logging, kernels
+RESUMABLE = {"train.epochs", "model.compile", "sample.batches_per_call", "train.log_kl_ref", "reward.monitor",
+             "reward.heldout", "reward.heldout_samples", "reward.overlap"} | {
+    # what a resume may change: length, logging, kernels and call sizes (the same run up to float rounding)
     f"run.{f.name}" for f in dataclasses.fields(RunConfig) if f.name != "seed"}
 
 def config_changes(saved:dict, new:dict) -> list[str]:
@@ -263,7 +263,7 @@ def timesteps_per_call(cfg:Config, cuda:bool) -> int:
     k = str(cfg.train.timesteps_per_call).lower()
     return trained_steps(cfg) if k == "all" or (k == "auto" and not cuda) else 1 if k == "auto" else int(k)
 
-SAMPLE_CALL_ROWS = 128   # `auto` on a CPU: sampling calls of up to this many UNet rows (lesson 90: per row, cheapest)
+SAMPLE_CALL_ROWS = 256   # `auto` on a CPU: sampling calls of up to this many UNet rows (lesson 90: cheapest per row)
 
 def batches_per_call(cfg:Config, cuda:bool, num_processes:int=1) -> int:
     "Sampling batches per UNet call. `auto`: on a CPU as many as fill `SAMPLE_CALL_ROWS` rows, one on a GPU (memory)."
