@@ -6,12 +6,10 @@
 from __future__ import annotations
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 import open_clip
-from PIL import Image
 
 from .images import image_batch   # Appendix A3
 
@@ -38,7 +36,7 @@ AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predi
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
 
-from .download import cache_dir, fetch_file, sha256_of   # Appendix A2
+from .download import cache_dir, fetch_file   # Appendix A2
 
 # %% ../nbs/01_aesthetic.ipynb #43535023
 def load_aesthetic_mlp(path:str|Path|None=None, # a verified weight file; None fetches the published one

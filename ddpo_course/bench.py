@@ -13,7 +13,7 @@ import torch
 from fastcore.imports import IN_IPYTHON
 
 from .advantages import batch_normalize
-from .config import SAMPLE_CALL_ROWS, load_config
+from .config import load_config
 from .models import load_pipeline, quiet_hf, tiny_pipeline
 from .prompts import common_animals
 from .sampling import decode_latents, sample_trajectories

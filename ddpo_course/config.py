@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_config.ipynb #d80cbeb4
 from __future__ import annotations
-import dataclasses, typing
+import dataclasses
 from dataclasses import dataclass, field, asdict
 from importlib.resources import files
 from pathlib import Path

@@ -18,9 +18,9 @@ from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextModel
 
 from .images import image_batch
-from .models import CLIP_TINY, build_pipeline, toy_dir, write_checksums, load_pipeline
-from .world import (ALL_PAIRS, BACKGROUNDS, COLOURS, SHAPES, caption, pair_kind, parse_caption,
-                               world_tensors, judged_aligned)
+from .models import CLIP_TINY, build_pipeline, load_pipeline
+from .world import (ALL_PAIRS, BACKGROUNDS, caption, pair_kind, parse_caption, world_tensors,
+                               judged_aligned)
 
 # %% auto #0
 __all__ = ['untrained_toy_pipeline', 'train_vae', 'encode_world', 'train_denoiser', 'save_denoiser', 'pretrain_toy',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05a_prompts.ipynb #475c550b
 from __future__ import annotations
-import random, re
+import re
 from importlib.resources import files
 from pathlib import Path
 from typing import Callable, Literal

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 from typing import Callable, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 from PIL import Image

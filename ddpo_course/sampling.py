@@ -99,7 +99,7 @@ def guided_prediction(unet, # the UNet2DConditionModel
                       guidance_scale:float=1.0, # w
                      ) -> Tensor:
     "The UNet's prediction with classifier-free guidance, in one batched call."
-    x = latents.to(getattr(unet, "module", unet).dtype)  # `module`: the model inside a DistributedDataParallel wrapper
+    x = latents.to(next(unet.parameters()).dtype)   # the weights' dtype (diffusers' `.dtype` walks every module)
     t = torch.as_tensor(timesteps, device=x.device)
     if t.ndim == 0: t = t.expand(len(x))
     if uncond is None or guidance_scale == 1.0: return unet(x, t, cond).sample

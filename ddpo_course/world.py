@@ -6,7 +6,6 @@
 from __future__ import annotations
 import math, re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from torch.utils.data import Dataset
 from PIL import Image, ImageDraw
 
 from .images import image_batch
-from .models import toy_dir, verify_checksums, write_checksums
+from .models import toy_dir, verify_checksums
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLOURS', 'BACKGROUNDS', 'RARE', 'HELD_OUT', 'RARE_WEIGHT', 'IMAGE_SIZE', 'ALL_PAIRS', 'GOLD_WEIGHTS',
