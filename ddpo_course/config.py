@@ -284,9 +284,8 @@ def _global_batch_hint(cfg:Config, num_processes:int) -> str:
     g, b = cfg.train.global_batch_size, cfg.train.batch_size
     fits = [d for d in range(b - 1, 0, -1) if g % (d * num_processes) == 0]
     if fits: return f"with {num_processes} process(es) set train.batch_size={fits[0]} (the global batch stays {g})"
-    return (f"{g} trajectories cannot be shared by {num_processes} processes: run on fewer processes, "
-            "or choose a larger "
-            f"global batch (a different recipe: fewer optimizer steps per epoch)")
+    return (f"{g} trajectories cannot be shared by {num_processes} processes: run on fewer processes, or choose a "
+            "larger global batch (a different recipe: fewer optimizer steps per epoch)")
 
 def validate(cfg:Config, num_processes:int=1) -> Config:
     "Raise a `ConfigError` for the first value that cannot work; return `cfg` otherwise."
@@ -352,10 +351,9 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
             _err("train.method", t.method,
                  f"is REINFORCE, which is on-policy: its epoch must be one optimizer step, but this one takes "
                  f"{steps} ({s.samples_per_epoch // g} of {g} samples x train.inner_epochs={t.inner_epochs}), "
-                 "and every step after "
-                 "the first would reuse samples drawn by older weights; set "
-                 f"train.global_batch_size={s.samples_per_epoch} and "
-                 "train.inner_epochs=1, or use train.method=is, whose clipped ratio corrects for the reuse")
+                 "and every step after the first would reuse samples drawn by older weights; set "
+                 f"train.global_batch_size={s.samples_per_epoch} and train.inner_epochs=1, or use train.method=is, "
+                 "whose clipped ratio corrects for the reuse")
     if t.method == "nft":
         if not t.nft_beta > 0: _err("train.nft_beta", t.nft_beta, "must be > 0; 1.0 is usual")
         if not 0 <= t.nft_t_min < 1000:
@@ -402,9 +400,8 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
         if shared:
             _err("reward.heldout", r.heldout,
                  f"shares {len(shared)} prompt(s) with reward.prompts={r.prompts!r} (e.g. {shared[0]!r}), "
-                 "so it is not held out; use a set disjoint from the trained one "
-                 "(heldout_animals beside common_animals, "
-                 "shapes_heldout beside the shape sets), or remove the shared lines from your file")
+                 "so it is not held out; use a set disjoint from the trained one (heldout_animals beside "
+                 "common_animals, shapes_heldout beside the shape sets), or remove the shared lines from your file")
     if str(r.overlap).lower() not in ("auto", "true", "false"):
         _err("reward.overlap", r.overlap, "use auto, true or false")
     if r.heldout_samples < 1: _err("reward.heldout_samples", r.heldout_samples, "must be a positive integer")
@@ -426,7 +423,6 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
         changed = config_changes(yaml.safe_load((d/"config.yaml").read_text()), config_to_dict(cfg))
         if changed:
             raise ConfigError(f"run.resume=true would continue {d} with a different configuration: "
-                              f"{'; '.join(changed)}. Resume with "
-                              f"the saved one (ddpo-train {d/'config.yaml'} run.resume=true), or set "
-                              "run.allow_config_change=true")
+                              f"{'; '.join(changed)}. Resume with the saved one "
+                              f"(ddpo-train {d/'config.yaml'} run.resume=true), or set run.allow_config_change=true")
     return cfg
