@@ -423,6 +423,14 @@ def _unet_call(unet, rows:int, train:bool, lever:dict, tokens:int, calls:int=1):
         finally: torch.set_num_threads(threads)
     return call
 
+def _alternated(calls:dict, repeats:int, progress=lambda *a: None) -> dict[object, list[float]]:
+    "Seconds of each of `calls` (functions of no arguments), `repeats` rounds, every other round in reverse order."
+    times = {key: [] for key in calls}
+    for r in range(repeats):
+        progress(f"repeat {r + 1} of {repeats}")
+        for key in (list(calls) if r % 2 == 0 else list(calls)[::-1]): times[key].append(_clock(calls[key]))
+    return times
+
 def unet_levers(model:str="toy", # the pipeline whose UNet is timed: "toy", "tiny" or a diffusers folder
                 sample_rows:int=64, # one sampling call: the cpu preset's 32 prompts and their empty prompts
                 train_rows:int=320, # one training call: the cpu preset's 32 trajectories x 2 x 5 fused timesteps
@@ -455,10 +463,7 @@ def unet_levers(model:str="toy", # the pipeline whose UNet is timed: "toy", "tin
             for _ in range(warmup - 1): calls[name, kind]()
             if name == "plain": ref[kind] = out                                # plain comes first: the reference output
             diff[name, kind] = (out - ref[kind]).abs().max().item()
-    times = {key: [] for key in calls}
-    for r in range(repeats):
-        progress(f"repeat {r + 1} of {repeats}")
-        for key in (list(calls) if r % 2 == 0 else list(calls)[::-1]): times[key].append(_clock(calls[key]))
+    times = _alternated(calls, repeats, progress)
     res = {name: {} for name in levers}
     for (name, kind), ts in times.items():
         s = statistics.median(ts)
@@ -500,9 +505,7 @@ def call_rows_cost(model:str="toy", # the pipeline whose UNet is timed: "toy", "
     calls = {r: _unet_call(unet, r, False, {}, tokens) for r in rows}
     for _ in range(warmup):
         for f in calls.values(): f()
-    times = {r: [] for r in rows}
-    for i in range(repeats):
-        for r in (rows if i % 2 == 0 else rows[::-1]): times[r].append(_clock(calls[r]))
+    times = _alternated(calls, repeats)
     return dict(machine=machine_info(), model=model, repeats=repeats,
                 ms_per_row={r: statistics.median(ts) / r * 1e3 for r, ts in times.items()},
                 range_ms_per_row={r: (min(ts) / r * 1e3, max(ts) / r * 1e3) for r, ts in times.items()})

@@ -17,8 +17,7 @@ from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
 
 from .advantages import PerPromptStatTracker, batch_normalize, group_normalize
-from .config import (Config, validate, trained_steps, timesteps_per_call, batches_per_call,
-                                minibatches_per_step)
+from .config import Config, validate, trained_steps, timesteps_per_call, batches_per_call, minibatches_per_step
 from .images import image_diversity
 from .loss import ddpo_loss, forward_draws, gaussian_kl, gradient_snr, nft_gradient_snr, nft_loss
 from .models import load_pipeline, quiet_hf
