@@ -50,7 +50,7 @@ setup(
     license='Apache-2.0',
     packages=find_packages(include=['ddpo_course', 'ddpo_course.*']),
     include_package_data=True,
-    package_data={'ddpo_course': ['data/*.txt', 'presets/*.yaml', 'toy/SHA256SUMS', 'toy/*.safetensors', 'toy/pipeline/*.json', 'toy/pipeline/*/*', 'toy/early/*.txt', 'toy/early/*/*']},
+    package_data={'ddpo_course': ['data/*.txt', 'presets/*.yaml', 'toy/SHA256SUMS', 'toy/*.safetensors', 'toy/pipeline/*.json', 'toy/pipeline/*/*', 'toy/early/*.txt', 'toy/early/*/*', 'toy/scenes/*.json', 'toy/scenes/*/*']},
     python_requires='>=' + cfg['min_python'],
     install_requires=requirements,
     extras_require={'dev': dev_requirements, 'pickapic': ['datasets>=2.14']},   # pickapic: the Pick-a-Pic prompt set (sd21_pickscore)

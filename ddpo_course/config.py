@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_config.ipynb #d80cbeb4
 from __future__ import annotations
-import dataclasses
+import dataclasses, fnmatch, json, math, os, shutil, time
 from dataclasses import dataclass, field, asdict
 from importlib.resources import files
 from pathlib import Path
@@ -18,10 +18,11 @@ from .rewards import REWARDS, RewardName
 
 # %% auto #0
 __all__ = ['Precision', 'Method', 'Baseline', 'TimestepChoice', 'TRACKERS', 'COMPILE_MODES', 'RESUMABLE', 'SAMPLE_CALL_ROWS',
-           'ModelConfig', 'SampleConfig', 'RewardConfig', 'TrainConfig', 'RunConfig', 'Config', 'ConfigError',
-           'config_from_dict', 'set_field', 'apply_overrides', 'config_to_dict', 'preset_names', 'load_config',
-           'preset_description', 'config_changes', 'trained_steps', 'timesteps_per_call', 'batches_per_call',
-           'minibatches_per_step', 'validate']
+           'RUN_MARKER', 'RUN_NAMES', 'RUN_GLOBS', 'RunDirState', 'ModelConfig', 'SampleConfig', 'RewardConfig',
+           'TrainConfig', 'RunConfig', 'Config', 'ConfigError', 'config_from_dict', 'set_field', 'apply_overrides',
+           'config_to_dict', 'preset_names', 'load_config', 'preset_description', 'config_changes', 'trained_steps',
+           'timesteps_per_call', 'batches_per_call', 'minibatches_per_step', 'validate', 'run_entries', 'run_dir_state',
+           'protected_reason', 'check_run_dir', 'clear_run_dir', 'write_text_atomic', 'mark_run_dir']
 
 # %% ../nbs/06a_config.ipynb #69d11914
 Precision = Literal["no", "bf16", "fp16"]           # model.mixed_precision
@@ -79,7 +80,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     weight_decay: float = 1e-4
-    max_grad_norm: float = 1.0         # gradient-norm clip
+    max_grad_norm: float|None = 1.0    # gradient-norm clip; null: no clipping (the norm is still logged)
     clip_range: float = 1e-4           # PPO ratio clip ε (per-dimension, see lesson 04)
     adv_clip_max: float = 5.0          # advantage clip
     method: Method = "is"              # "is" (clipped importance sampling), "sf" (REINFORCE), "nft" (DiffusionNFT)
@@ -103,6 +104,7 @@ class RunConfig:
     eval_every: int = 10               # epochs between evaluation grids (first and last always)
     eval_prompts: list = field(default_factory=lambda: ["cat", "owl", "horse", "frog"])
     eval_seed: int = 1234              # seeds the evaluation images, the same at every evaluation
+    eval_heldout: bool = False         # refuse evaluation prompts that are training prompts (toy GenEval's test split)
     trackers: list = field(default_factory=lambda: ["auto"])  # "tensorboard", "wandb", "auto" (those installed), or []
     progress: bool = True              # progress bars on the main process
     record_weights: bool = False       # per-rank checksums of the weights after every step, and of each epoch's draws
@@ -195,8 +197,9 @@ def _parse_override(path:str, raw:str):
     "The value of one override: the text itself for a string field, else parsed as YAML (numbers, true/false, lists)."
     section, _, key = path.partition(".")
     typ = _section_types(section).get(key) if section in _SECTIONS else None
-    if typ is not None and _base_type(typ) in ("str", "str|None") and raw.strip() not in ("null", "~", "None"):
-        return raw.strip().strip("'\"")   # model.mixed_precision=no is the string "no", not YAML's false
+    base = _base_type(typ) if typ is not None else None
+    if base == "str" or base == "str|None" and raw.strip() not in ("null", "~", "None"):
+        return raw.strip().strip("'\"")   # mixed_precision=no: the string "no", not YAML's false; run.dir=~: home
     return yaml.safe_load(raw) if raw.strip() else ""
 
 def apply_overrides(cfg:Config, overrides:list[str]) -> Config:
@@ -308,7 +311,30 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     k = str(s.batches_per_call).lower()
     if k not in ("auto", "all") and not (k.isdigit() and int(k) >= 1):
         _err("sample.batches_per_call", s.batches_per_call, "use auto, all, or a positive number of sampling batches")
-    if not t.learning_rate > 0: _err("train.learning_rate", t.learning_rate, "must be > 0")
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    for path, v, ok, rule in (
+            ("train.learning_rate", t.learning_rate, finite(t.learning_rate) and t.learning_rate > 0,
+             "a finite number > 0, e.g. 3e-4"),
+            ("train.max_grad_norm", t.max_grad_norm,
+             t.max_grad_norm is None or finite(t.max_grad_norm) and t.max_grad_norm > 0,
+             "a finite number > 0 (a negative one reverses every update, 0 zeroes it), or null for no clipping"),
+            ("train.weight_decay", t.weight_decay, finite(t.weight_decay) and t.weight_decay >= 0,
+             "a finite number >= 0"),
+            ("train.adam_beta1", t.adam_beta1, finite(t.adam_beta1) and 0 <= t.adam_beta1 < 1, "in [0, 1), e.g. 0.9"),
+            ("train.adam_beta2", t.adam_beta2, finite(t.adam_beta2) and 0 <= t.adam_beta2 < 1, "in [0, 1), e.g. 0.999"),
+            ("train.adam_eps", t.adam_eps, finite(t.adam_eps) and t.adam_eps > 0, "a finite number > 0, e.g. 1e-8"),
+            ("sample.guidance_scale", s.guidance_scale, finite(s.guidance_scale) and s.guidance_scale >= 1,
+             "a finite number >= 1 (1 turns guidance off; below 1 pushes away from the prompt)"),
+            ("model.lora_alpha", m.lora_alpha, m.lora_alpha is None or finite(m.lora_alpha) and m.lora_alpha > 0,
+             "a number > 0, or null for the rank")):
+        if not ok: _err(path, v, f"must be {rule}")
+    if not run.eval_prompts: _err("run.eval_prompts", run.eval_prompts, "is empty; give at least one evaluation prompt")
+    if run.eval_heldout and r.prompts != "pickapic":
+        shared = sorted(set(run.eval_prompts) & set(get_prompts(r.prompts)))
+        if shared:
+            _err("run.eval_prompts", f"[{len(run.eval_prompts)} prompts]",
+                 f"share {len(shared)} prompt(s) with reward.prompts={r.prompts!r} (e.g. {shared[0]!r}) but "
+                 "run.eval_heldout=true: evaluate on prompts never trained on (geneval_test beside geneval_train)")
     for path, v in (("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size), ("train.epochs", t.epochs),
                     ("train.inner_epochs", t.inner_epochs), ("train.gradient_accumulation", t.gradient_accumulation),
                     ("sample.samples_per_epoch", s.samples_per_epoch), ("run.checkpoint_every", run.checkpoint_every),
@@ -409,16 +435,8 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     if bad: _err("run.trackers", run.trackers, f"unknown tracker {bad[0]!r}; use any of {', '.join(TRACKERS)}, or []")
     try: check_model_source(m.name)
     except FileNotFoundError as e: raise ConfigError(f"model.name={m.name!r}: {e}") from None
-    if run.resume and run.overwrite: _err("run.overwrite", True, "cannot be combined with run.resume=true; choose one")
+    check_run_dir(run)
     d = Path(run.dir).expanduser()
-    holds_run = any((d/f).exists() for f in ("config.yaml", "metrics.jsonl", "checkpoints"))
-    if not run.resume and not run.overwrite and d.exists() and holds_run:
-        _err("run.dir", run.dir,
-             "already holds a run; set run.resume=true to continue it, run.overwrite=true to replace it, "
-             "or choose another folder")
-    if run.resume and not (d/"checkpoints").is_dir():
-        _err("run.resume", True,
-             f"but {d} has no checkpoints folder to resume from; start a new run with run.resume=false")
     if run.resume and not run.allow_config_change and (d/"config.yaml").exists():
         changed = config_changes(yaml.safe_load((d/"config.yaml").read_text()), config_to_dict(cfg))
         if changed:
@@ -426,3 +444,109 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
                               f"{'; '.join(changed)}. Resume with the saved one "
                               f"(ddpo-train {d/'config.yaml'} run.resume=true), or set run.allow_config_change=true")
     return cfg
+
+# %% ../nbs/06a_config.ipynb #c0f1d002
+RUN_MARKER = "ddpo_run.json"      # the first file of every run folder: what makes a folder this package's run
+RUN_NAMES = (RUN_MARKER, "config.yaml", "metrics.jsonl", "reward_curve.png", "checkpoints", "samples", "final", "logs",
+             ".shared-check")     # what a run writes at its top level, besides the per-process records below
+RUN_GLOBS = ("weights-rank*.jsonl", "draws-rank*.jsonl",   # run.record_weights
+             ".*.tmp")                                    # a file write_text_atomic was writing when killed
+RunDirState = Literal["absent", "empty", "unstarted", "run", "other"]
+
+def run_entries(d:str|Path) -> tuple[list[Path], list[str]]:
+    "The entries of folder `d` that a run writes (its marker last), and the names of all the others."
+    ours, others = [], []
+    for p in sorted(Path(d).expanduser().iterdir(), key=lambda p: (p.name == RUN_MARKER, p.name)):
+        mine = p.name in RUN_NAMES or any(fnmatch.fnmatch(p.name, g) for g in RUN_GLOBS)
+        (ours.append(p) if mine else others.append(p.name))
+    return ours, others
+
+def run_dir_state(d:str|Path) -> RunDirState:
+    "What `d` holds: nothing (`absent`, `empty`), a run that never ended an epoch (`unstarted`), a `run`, or `other`."
+    d = Path(d).expanduser()
+    if not d.exists(): return "absent"
+    if not d.is_dir(): return "other"
+    if not any(d.iterdir()): return "empty"
+    if not (d/RUN_MARKER).is_file(): return "other"
+    m = d/"metrics.jsonl"
+    started = any((d/"checkpoints").glob("epoch-*")) or (m.is_file() and m.stat().st_size > 0)
+    return "run" if started else "unstarted"
+
+def protected_reason(d:str|Path) -> str|None:
+    "Why deleting `d` would destroy more than a run (the root, home, the current folder or one above), else None."
+    r, cwd, home = Path(d).expanduser().resolve(), Path.cwd().resolve(), Path.home().resolve()
+    if r == Path(r.anchor): return "the root of the file system"
+    if r == home: return "your home folder"
+    if r == cwd: return "the current folder"
+    if cwd.is_relative_to(r): return "a folder above the current one"
+    if home.is_relative_to(r): return "a folder above your home folder"
+    return None
+
+def _names(names:list[str], k:int=3) -> str:
+    return ", ".join(repr(n) for n in names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+def check_run_dir(run:RunConfig):
+    "Raise a `ConfigError` where `run.dir` with `run.overwrite`/`run.resume` would lose a file or cannot be used."
+    if not str(run.dir).strip():
+        _err("run.dir", run.dir, "is empty; name the run's own folder, e.g. run.dir=runs/my-run")
+    d = Path(run.dir).expanduser()
+    if d.exists() and not d.is_dir():
+        _err("run.dir", run.dir, "is a file, not a folder; choose a folder for the run (it is created if missing)")
+    state = run_dir_state(d)
+    others = run_entries(d)[1] if state in ("unstarted", "run", "other") else []
+    legacy = state == "other" and any((d/n).exists() for n in ("config.yaml", "metrics.jsonl", "checkpoints"))
+    if run.resume:
+        if run.overwrite: _err("run.overwrite", True, "cannot be combined with run.resume=true; choose one")
+        if state == "unstarted":
+            _err("run.resume", True, f"but the run in {d} never finished an epoch (no metrics line, no checkpoint): "
+                 "start it again with the same command without run.resume")
+        if not (d/"checkpoints").is_dir():
+            _err("run.resume", True, f"but {d} has no checkpoints folder to resume from; start a new run with "
+                 "run.resume=false" + (" and run.overwrite=true" if state == "run" else ""))
+    elif run.overwrite:
+        if (why := protected_reason(d)):
+            _err("run.overwrite", True, f"would delete run.dir={run.dir!r}, which is {why}; point run.dir at the "
+                 "run's own folder (e.g. runs/my-run)")
+        if state == "other":
+            _err("run.overwrite", True, f"deletes only a folder that holds a run of this package (marked by its "
+                 f"{RUN_MARKER}); {d} has no marker" + (" (a run of an older version?)" if legacy else "")
+                 + f" and holds {_names(others)}: delete it yourself if you mean to, or choose another folder")
+        if others:
+            _err("run.overwrite", True, f"would delete the run in {d}, but the folder also holds files no run writes "
+                 f"({_names(others)}); move them out, or choose another folder")
+    elif state == "run":
+        has_ck = any((d/"checkpoints").glob("epoch-*"))
+        _err("run.dir", run.dir, "already holds a run; " + ("set run.resume=true to continue it, " if has_ck else
+             "it stopped before its first checkpoint, so it cannot be resumed; ")
+             + "set run.overwrite=true to replace it, or choose another folder")
+    elif state == "other":
+        _err("run.dir", run.dir, ("already holds a run of an older version (no " + RUN_MARKER + "); set "
+             "run.resume=true to continue it, or choose another folder") if legacy else
+             f"holds files that are not a run of this package ({_names(others)}); choose a new or empty folder")
+
+def clear_run_dir(d:str|Path) -> list[str]:
+    "Delete what a run wrote in `d` (never a folder with other files, never through a link); the names deleted."
+    d = Path(d).expanduser()
+    state = run_dir_state(d)
+    if state in ("absent", "empty"): return []
+    ours, others = run_entries(d)
+    if state == "other" or others or protected_reason(d):
+        raise ConfigError(f"refusing to clear {d}: it is not a run folder of this package only")
+    for p in ours: shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return [p.name for p in ours]
+
+def write_text_atomic(path:str|Path, text:str):
+    """Replace `path` by a file holding `text` in one step: a reader (another process resuming the run) sees the old
+    file or the new one, never a half-written one, and a kill mid-write leaves the old one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f: f.write(text); f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def mark_run_dir(d:str|Path):
+    "Write the marker that makes `d` a run folder of this package, unless it is there (a resume keeps the first)."
+    from ddpo_course import __version__
+    d = Path(d).expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d/RUN_MARKER).is_file(): write_text_atomic(d/RUN_MARKER, json.dumps(
+        dict(package="ddpo_course", version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))) + "\n")

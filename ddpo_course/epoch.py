@@ -4,7 +4,7 @@
 
 # %% ../nbs/06b_epoch.ipynb #75d40de8
 from __future__ import annotations
-import copy, os, time
+import copy, math, os, time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -357,7 +357,7 @@ def _backward(self:EpochTrainer, epoch:int, loss:torch.Tensor, loss_ok:torch.Ten
     loss_ok = loss_ok & torch.isfinite(loss.detach())   # on the device: read only if the gradient is bad
     acc.backward(loss)
     if acc.sync_gradients:
-        norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm), dtype=torch.float32,
+        norm = torch.as_tensor(acc.clip_grad_norm_(self.params, t.max_grad_norm or math.inf), dtype=torch.float32,
                                device=acc.device)
         if torch.isfinite(norm): grad_norms.append(norm); self._overflows = 0
         else: self._bad_gradient(epoch, norm, loss_ok)   # raises, unless fp16's loss scale overflowed

@@ -142,14 +142,16 @@ def eval_images(run_dir:str|Path, epoch:int|None=None, heldout:bool=False) -> to
 def pretrain_more(model:str="toy-early", # the pipeline to continue from
                   seconds:float=300, # CPU time for UNet and text-encoder steps (data and encoding come first, untimed)
                   rate:Callable|None=None, # called with the pipeline at each quarter of the budget
-                  batch_size:int=32, lr:float=1e-3, n_images:int=30_000, seed:int=1) -> list[dict]:
-    """More pretraining of `model` on the shape world for about `seconds`, the rival DDPO's CPU time is held against:
+                  batch_size:int=32, lr:float=1e-3, n_images:int=30_000, seed:int=1,
+                  data:Callable|None=None, # (n_images, seed) -> (uint8 images, captions); None: the shape world's
+                 ) -> list[dict]:
+    """More pretraining of `model` on its world for about `seconds`, the rival DDPO's CPU time is held against:
     at each quarter, the seconds spent and `rate(pipe)`."""
     from ddpo_course.models import load_pipeline
     from ddpo_course.pretrain import encode_world, train_denoiser
     from ddpo_course.world import world_tensors
     pipe = load_pipeline(model)
-    ims, caps, _, _ = world_tensors(n_images, seed)
+    ims, caps = (data or (lambda n, s: world_tensors(n, s)[:2]))(n_images, seed)
     means, stds = encode_world(pipe.vae, ims)
     run = lambda n: train_denoiser(pipe, means, stds, caps, n, batch_size=batch_size, lr=lr, seed=seed, warmup=n)
     run(10)                                                               # the first calls run slow: untimed

@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 # %% auto #0
-__all__ = ['TINY', 'TOY', 'TOY_EARLY', 'CLIP_TINY', 'CHECKSUMS', 'quiet_hf', 'check_model_source', 'load_pipeline',
+__all__ = ['TINY', 'TOY', 'TOY_EARLY', 'TOY_SCENES', 'CLIP_TINY', 'CHECKSUMS', 'quiet_hf', 'check_model_source', 'load_pipeline',
            'sd_ddim_scheduler', 'build_pipeline', 'tiny_pipeline', 'same_weights', 'ModelFileError', 'toy_dir',
            'toy_pipeline_dir', 'write_checksums', 'verify_checksums', 'encode_prompts', 'encode_with_uncond']
 
@@ -27,17 +27,19 @@ def quiet_hf():
 TINY = "tiny"  # the model name that builds the offline tiny pipeline (random weights) instead of loading weights
 TOY = "toy"    # the model name of the pretrained shape-world model shipped in the package (lesson 00b)
 TOY_EARLY = "toy-early"   # the same model stopped early in pretraining (about half its samples aligned; lesson 08)
+TOY_SCENES = "toy-scenes" # the scene world's model, pretrained on alt-text-like captions (lesson 00e)
 
 def check_model_source(model:str|Path, # a hub id ("CompVis/stable-diffusion-v1-4"), a local folder, "tiny" or "toy"
                       ) -> str:
     "Raise a clear error if `model` is neither `TINY`, `TOY`, an existing folder, nor shaped like a hub id."
     model = str(model)
-    if model in (TINY, TOY, TOY_EARLY) or Path(model).expanduser().is_dir(): return model
+    if model in (TINY, TOY, TOY_EARLY, TOY_SCENES) or Path(model).expanduser().is_dir(): return model
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
         raise FileNotFoundError(f"model={model!r}: no such folder, and not a hub id of the form 'org/name'. "
                                 "Give an existing "
                                 f"diffusers folder, a hub id, {TOY!r} for the shipped shape-world model "
-                                f"({TOY_EARLY!r}: stopped early), or {TINY!r} for the "
+                                f"({TOY_EARLY!r}: stopped early), {TOY_SCENES!r} for the scene-world model, or "
+                                f"{TINY!r} for the "
                                 "offline tiny pipeline with random weights.")
     return model
 
@@ -54,7 +56,8 @@ def load_pipeline(model:str|Path, # hub id, local diffusers folder, "toy" (shipp
     if model == TINY: pipe = tiny_pipeline(seed=seed)
     else:
         # shipped files: their checksums verified first
-        path = toy_pipeline_dir() if model in (TOY, TOY_EARLY) else model
+        shipped = {TOY: "pipeline", TOY_EARLY: "pipeline", TOY_SCENES: "scenes"}    # folders under toy_dir()
+        path = toy_pipeline_dir(shipped[model]) if model in shipped else model
         pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant,
                                                        safety_checker=None, requires_safety_checker=False)
         if model == TOY_EARLY:     # the early UNet and text encoder (stored in fp16), with the final VAE and tokenizer
@@ -129,10 +132,11 @@ def toy_dir() -> Path:
     import ddpo_course
     return Path(ddpo_course.__file__).parent/"toy"
 
-def toy_pipeline_dir() -> Path:
-    "The shipped toy pipeline's diffusers folder, after checking every file against `SHA256SUMS`."
-    verify_checksums(toy_dir(), "pipeline/")
-    return toy_dir()/"pipeline"
+def toy_pipeline_dir(name:str="pipeline", # "pipeline" (the shape world's toy model) or "scenes" (the scene world's)
+                    ) -> Path:
+    "A shipped toy pipeline's diffusers folder, after checking every file against `SHA256SUMS`."
+    verify_checksums(toy_dir(), f"{name}/")
+    return toy_dir()/name
 
 def write_checksums(folder:str|Path) -> Path:
     "Record the SHA-256 of every file under `folder` in `folder/SHA256SUMS` (the format `sha256sum -c` reads)."

@@ -23,8 +23,8 @@ from .world import (ALL_PAIRS, BACKGROUNDS, caption, pair_kind, parse_caption, w
                                judged_aligned)
 
 # %% auto #0
-__all__ = ['untrained_toy_pipeline', 'train_vae', 'encode_world', 'train_denoiser', 'save_denoiser', 'pretrain_toy',
-           'sample_images', 'alignment_rates', 'with_denoiser', 'rate_checkpoints', 'ship_early']
+__all__ = ['untrained_toy_pipeline', 'train_vae', 'encode_world', 'train_denoiser', 'save_denoiser', 'pretrain_on',
+           'pretrain_toy', 'sample_images', 'alignment_rates', 'with_denoiser', 'rate_checkpoints', 'ship_early']
 
 # %% ../nbs/00b_pretrain.ipynb #bf6697ef
 def untrained_toy_pipeline(seed:int=0) -> StableDiffusionPipeline:
@@ -125,6 +125,40 @@ def save_denoiser(pipe:StableDiffusionPipeline, folder:str|Path):
     "Save the trained parts (UNet and text encoder) of `pipe` as diffusers/transformers folders under `folder`."
     pipe.unet.save_pretrained(Path(folder)/"unet"); pipe.text_encoder.save_pretrained(Path(folder)/"text_encoder")
 
+def pretrain_on(out_dir:str|Path, # where the diffusers folder goes
+                images:Tensor, captions:list[str], # the training set: uint8 images [N, H, W, 3] and their captions
+                vae_steps:int=3000, vae_batch_size:int=16, vae_lr:float=2e-3, unet_steps:int=6500, batch_size:int=32,
+                seed:int=0,
+                checkpoint_dir:str|Path|None=None, # where the UNet and text encoder are saved along the way
+                checkpoint_steps:Sequence[int]=(500, 1000, 1500, 2000, 3000, 4000, 5000), # UNet steps saved after
+                t0:float|None=None, # when the run started (`time.perf_counter`), if it began before this call
+                architecture:Callable[[int], StableDiffusionPipeline]=untrained_toy_pipeline, # seed -> random pipeline
+               ) -> tuple[StableDiffusionPipeline, dict]:
+    "Pretrain a toy architecture on captioned images (VAE, then UNet and text encoder); save it with its log."
+    t0 = time.perf_counter() if t0 is None else t0
+    pipe = architecture(seed)
+    t1 = time.perf_counter()
+    vae_losses = train_vae(pipe.vae, images, vae_steps, batch_size=vae_batch_size, lr=vae_lr, seed=seed)
+    t2 = time.perf_counter()
+    means, stds = encode_world(pipe.vae, images)
+    pipe.vae.register_to_config(scaling_factor=1 / torch.cat([means, stds]).std().item())
+    t3 = time.perf_counter()
+    saved = []                                        # (UNet step, seconds since the start) of each checkpoint
+    def on_checkpoint(step):
+        saved.append((step, time.perf_counter() - t0))
+        if checkpoint_dir is not None: save_denoiser(pipe, Path(checkpoint_dir)/f"step-{step:05d}")
+    unet_losses = train_denoiser(pipe, means, stds, captions, unet_steps, batch_size=batch_size, lr=1e-3, seed=seed,
+                                 checkpoints=checkpoint_steps, on_checkpoint=on_checkpoint)
+    t4 = time.perf_counter()
+    log = dict(vae_losses=vae_losses, unet_losses=unet_losses, data_s=t1 - t0, vae_s=t2 - t1, encode_s=t3 - t2,
+               unet_s=t4 - t3, total_s=t4 - t0, vae_steps=vae_steps, vae_batch_size=vae_batch_size,
+               unet_steps=unet_steps,
+               n_images=len(images), batch_size=batch_size, seed=seed, threads=torch.get_num_threads(),
+               checkpoints=[dict(step=s, elapsed_s=e) for s, e in saved] + [dict(step=unet_steps, elapsed_s=t4 - t0)])
+    pipe.save_pretrained(out_dir)
+    (Path(out_dir)/"pretrain_log.json").write_text(json.dumps(log))
+    return pipe, log
+
 def pretrain_toy(out_dir:str|Path, # where the diffusers folder goes
                  vae_steps:int=3000, vae_batch_size:int=16, vae_lr:float=2e-3, unet_steps:int=6500, batch_size:int=32,
                  n_images:int=30_000, seed:int=0,
@@ -134,28 +168,8 @@ def pretrain_toy(out_dir:str|Path, # where the diffusers folder goes
     "Pretrain the toy model on the shape world; save it to `out_dir` with its training log."
     t0 = time.perf_counter(); torch.manual_seed(seed)
     ims, caps, _, _ = world_tensors(n_images, seed)
-    pipe = untrained_toy_pipeline(seed)
-    t1 = time.perf_counter()
-    vae_losses = train_vae(pipe.vae, ims, vae_steps, batch_size=vae_batch_size, lr=vae_lr, seed=seed)
-    t2 = time.perf_counter()
-    means, stds = encode_world(pipe.vae, ims)
-    pipe.vae.register_to_config(scaling_factor=1 / torch.cat([means, stds]).std().item())
-    t3 = time.perf_counter()
-    saved = []                                        # (UNet step, seconds since the start) of each checkpoint
-    def on_checkpoint(step):
-        saved.append((step, time.perf_counter() - t0))
-        if checkpoint_dir is not None: save_denoiser(pipe, Path(checkpoint_dir)/f"step-{step:05d}")
-    unet_losses = train_denoiser(pipe, means, stds, caps, unet_steps, batch_size=batch_size, lr=1e-3, seed=seed,
-                                 checkpoints=checkpoint_steps, on_checkpoint=on_checkpoint)
-    t4 = time.perf_counter()
-    log = dict(vae_losses=vae_losses, unet_losses=unet_losses, data_s=t1 - t0, vae_s=t2 - t1, encode_s=t3 - t2,
-               unet_s=t4 - t3, total_s=t4 - t0, vae_steps=vae_steps, vae_batch_size=vae_batch_size,
-               unet_steps=unet_steps,
-               n_images=n_images, batch_size=batch_size, seed=seed, threads=torch.get_num_threads(),
-               checkpoints=[dict(step=s, elapsed_s=e) for s, e in saved] + [dict(step=unet_steps, elapsed_s=t4 - t0)])
-    pipe.save_pretrained(out_dir)
-    (Path(out_dir)/"pretrain_log.json").write_text(json.dumps(log))
-    return pipe, log
+    return pretrain_on(out_dir, ims, caps, vae_steps, vae_batch_size, vae_lr, unet_steps, batch_size, seed,
+                       checkpoint_dir, checkpoint_steps, t0)
 
 
 # %% ../nbs/00b_pretrain.ipynb #b4ba9c6f

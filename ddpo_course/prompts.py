@@ -55,14 +55,22 @@ def pickapic_prompts(dataset:str="carperai/pickapic_v1_no_images_training_sfw", 
     return [c.strip() for c in ds["caption"] if c and c.strip()]
 
 PromptSetName = Literal["imagenet_animals", "common_animals", "heldout_animals", "pickapic", "shapes", "shapes_rare",
-                        "shapes_heldout"]   # the keys of PROMPT_SETS, as a type: `reward.prompts`' annotation
+                        "shapes_heldout", "geneval_train", "geneval_test", "geneval_eval"]
+# (the keys of PROMPT_SETS, as a type: `reward.prompts`' annotation)
 
 PROMPT_SETS: dict[PromptSetName, Callable[[], list[str]]] = {"imagenet_animals": imagenet_animals,
                                                              "common_animals": common_animals,
                                                              "heldout_animals": heldout_animals,
                "pickapic": pickapic_prompts,
                "shapes": lambda: shape_prompts(), "shapes_rare": lambda: shape_prompts("rare"),
-               "shapes_heldout": lambda: shape_prompts("held-out")}
+               "shapes_heldout": lambda: shape_prompts("held-out"),
+               "geneval_train": lambda: _geneval("train"), "geneval_test": lambda: _geneval("test"),
+               "geneval_eval": lambda: _geneval("eval")}
+
+def _geneval(split:str) -> list[str]:
+    "The toy GenEval's prompts (lesson 00d): a split, or `eval`, the test split cycled to 80 images per task."
+    from ddpo_course.geneval import evaluation_prompts, geneval_prompts
+    return evaluation_prompts("test") if split == "eval" else geneval_prompts(split)
 
 def get_prompts(name:str) -> list[str]:
     "A named prompt set (`PROMPT_SETS`) or the prompts of a text file."

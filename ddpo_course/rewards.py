@@ -17,7 +17,7 @@ from .images import image_batch
 # %% auto #0
 __all__ = ['RewardFn', 'RewardName', 'REWARDS', 'RewardError', 'check_rewards', 'checked', 'aesthetic_reward', 'jpeg_kb',
            'jpeg_compressibility', 'jpeg_incompressibility', 'brightness', 'PickScore', 'pickscore_reward',
-           'toy_aesthetic_reward', 'gold_reward', 'alignment_reward', 'get_reward']
+           'toy_aesthetic_reward', 'gold_reward', 'alignment_reward', 'geneval_reward', 'get_reward']
 
 # %% ../nbs/05b_rewards.ipynb #7c34f251
 RewardFn = Callable[..., Tensor]
@@ -147,10 +147,23 @@ def alignment_reward(net=None, # a `ShapeNet`; None loads the shipped one
         return lp(out["shape"], shape) + lp(out["colour"], colour)
     return checked(reward, "alignment")
 
+# %% ../nbs/05b_rewards.ipynb #05b0ge02
+def geneval_reward(binary:bool=False, # GenEval's pass/fail verdict instead of the share of checks met
+                   reader:Literal["detector", "components"]="detector", # the shipped detector, or the reading
+                   name:str="geneval") -> RewardFn:
+    "The toy GenEval's partial credit (or verdict) of each image for its prompt."
+    from ddpo_course.geneval import geneval_score, read_components
+    read = read_components if reader == "components" else None
+    def reward(images, prompts):
+        try: res = geneval_score(images, prompts, read)
+        except ValueError as e: raise RewardError(f"reward {name!r}: {e}") from None
+        return (res["correct"] if binary else res["score"]).float()
+    return checked(reward, name)
+
 # %% ../nbs/05b_rewards.ipynb #d1eae2c0
 RewardName = Literal["aesthetic", "pickscore", "jpeg_compressibility", "jpeg_incompressibility", "brightness",
                      # the keys of REWARDS, as a type: `reward.name`'s annotation
-                     "toy_aesthetic", "gold", "alignment"]
+                     "toy_aesthetic", "gold", "alignment", "geneval", "geneval_binary", "geneval_components"]
 
 REWARDS: dict[RewardName, Callable[..., RewardFn]] = {
     "aesthetic": lambda device,
@@ -162,6 +175,9 @@ REWARDS: dict[RewardName, Callable[..., RewardFn]] = {
     "toy_aesthetic": lambda device, tiny: toy_aesthetic_reward(),   # the shape world's rewards are always offline
     "gold": lambda device, tiny: gold_reward(),
     "alignment": lambda device, tiny: alignment_reward(),
+    "geneval": lambda device, tiny: geneval_reward(),   # the scene world's: always offline too
+    "geneval_binary": lambda device, tiny: geneval_reward(binary=True, name="geneval_binary"),
+    "geneval_components": lambda device, tiny: geneval_reward(True, "components", "geneval_components"),
 }
 
 def get_reward(name:str, # one of `REWARDS`

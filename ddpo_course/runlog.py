@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .config import ConfigError
+from .config import ConfigError, write_text_atomic
 
 # %% auto #0
 __all__ = ['resolve_trackers', 'wandb_logged_in', 'append_jsonl', 'read_metrics', 'trim_metrics', 'plot_reward_curve',
-           'save_grid', 'peak_rss_mb', 'latest_checkpoint', 'write_checkpoint', 'check_shared_dir']
+           'save_grid', 'peak_rss_mb', 'checkpoints', 'latest_checkpoint', 'write_checkpoint', 'check_shared_dir']
 
 # %% ../nbs/A4_runlog.ipynb #a4000007
 def resolve_trackers(names:list[str], # `run.trackers`: tracker names, or ["auto"]
@@ -42,17 +42,25 @@ def append_jsonl(path:str|Path, record:dict):
     "Append `record` to `path` as one JSON line."
     with open(path, "a") as f: f.write(json.dumps(record) + "\n")
 
+def _lines(p:Path) -> list[str]:
+    "The JSON lines of `p`, less a last line cut short by a kill mid-write (any other bad line is an error)."
+    lines = [l for l in p.read_text().splitlines() if l.strip()]
+    if lines:
+        try: json.loads(lines[-1])
+        except json.JSONDecodeError: lines = lines[:-1]
+    return lines
+
 def read_metrics(run_dir:str|Path) -> list[dict]:
     "The per-epoch metrics of a run."
     p = Path(run_dir)/"metrics.jsonl"
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+    return [json.loads(l) for l in _lines(p)] if p.exists() else []
 
 def trim_metrics(run_dir:str|Path, last_epoch:int):
-    "Drop the metrics lines of epochs after `last_epoch` (a resume from that epoch's checkpoint)."
+    "Drop the metrics lines of epochs after `last_epoch` (a resume from that epoch's checkpoint), and a cut-off one."
     m = Path(run_dir)/"metrics.jsonl"
     if m.exists():
-        keep = [l for l in m.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= last_epoch]
-        m.write_text("".join(l + "\n" for l in keep))
+        keep = [l for l in _lines(m) if json.loads(l)["epoch"] <= last_epoch]
+        write_text_atomic(m, "".join(l + "\n" for l in keep))
 
 # %% ../nbs/A4_runlog.ipynb #a4000013
 def plot_reward_curve(run_dir:str|Path, path:str|Path|None=None,
@@ -119,24 +127,38 @@ def peak_rss_mb(acc:Accelerator|None=None) -> float:
     return acc.gather(torch.tensor([mb], device=acc.device)).max().item() if acc is not None else mb
 
 # %% ../nbs/A4_runlog.ipynb #a4000019
+def checkpoints(run_dir:str|Path) -> list[Path]:
+    "A run's complete checkpoint folders, oldest first, by epoch number (`epoch-10000` after `epoch-9999`)."
+    found = [p for p in (Path(run_dir)/"checkpoints").glob("epoch-*") if p.name[6:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[6:]))
+
 def latest_checkpoint(run_dir:str|Path) -> Path|None:
     "The newest complete checkpoint folder of a run (incomplete ones are never named `epoch-*`)."
-    cks = sorted((Path(run_dir)/"checkpoints").glob("epoch-*"))
+    cks = checkpoints(run_dir)
     return cks[-1] if cks else None
+
+def _fsync_tree(folder:Path):
+    "Flush every file under `folder`, and the folders themselves, to the disk."
+    for p in [*folder.rglob("*"), folder]:
+        fd = os.open(p, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
 
 def write_checkpoint(acc:Accelerator, run_dir:str|Path, epoch:int, keep:int) -> Path:
     "Write every process's state as `checkpoints/epoch-NNNN`, atomically; keep the newest `keep` checkpoints."
     ck = Path(run_dir)/"checkpoints"
     tmp, final = ck/f".tmp-epoch-{epoch:04d}", ck/f"epoch-{epoch:04d}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    if acc.is_main_process:       # a write a kill interrupted left its temporary folder: remove every one
+        for old in ck.glob(".tmp-epoch-*"): shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))                    # every process writes its part (RNG states, ...)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        _fsync_tree(tmp)                        # on the disk before it is named: a power cut cannot rename a hole
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)                  # the checkpoint becomes visible only when complete
-        for old in sorted(ck.glob("epoch-*"))[:-keep]: shutil.rmtree(old)
+        for old in checkpoints(run_dir)[:-keep]: shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
 

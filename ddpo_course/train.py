@@ -4,7 +4,7 @@
 
 # %% ../nbs/06c_train.ipynb #6c000004
 from __future__ import annotations
-import argparse, shutil, sys, time
+import argparse, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +15,18 @@ from fastcore.basics import patch
 from fastcore.imports import IN_IPYTHON
 from fastprogress.fastprogress import master_bar
 
-from .config import ConfigError, config_to_dict, load_config, preset_names, preset_description
+from .config import (ConfigError, clear_run_dir, config_to_dict, load_config, mark_run_dir, preset_names,
+                                preset_description, run_dir_state, write_text_atomic)
 from .epoch import EpochTrainer, TrainingError
 from .rewards import RewardError
 from .runlog import (append_jsonl, check_shared_dir, latest_checkpoint, peak_rss_mb, plot_reward_curve,
                                 read_metrics, save_grid, trim_metrics, write_checkpoint)
 from .sampling import decode_latents, sample_trajectories
+from .geneval import geneval_score, parse_prompt, read_components, summarize
 from .world import judged_aligned, load_judge, parse_caption
 
 # %% auto #0
-__all__ = ['DDPOTrainer', 'pair_wins', 'main']
+__all__ = ['DDPOTrainer', 'geneval_tasks', 'pair_wins', 'main']
 
 # %% ../nbs/06c_train.ipynb #6c000007
 class DDPOTrainer(EpochTrainer):
@@ -33,20 +35,22 @@ class DDPOTrainer(EpochTrainer):
 # %% ../nbs/06c_train.ipynb #6c000008
 @patch
 def setup(self:DDPOTrainer):
-    "Load the inputs, make the run folder, load the model; register what checkpoints hold, resume if asked."
+    "Load the inputs and the model, then make the run folder; register what checkpoints hold, resume if asked."
     cfg, acc = self.cfg, self.acc
     self.load_inputs()
+    self.load_model()         # a failure up to here leaves run.dir as it was: an earlier run is still intact
     if self.main:
-        if cfg.run.overwrite and self.run_dir.exists(): shutil.rmtree(self.run_dir)
+        if cfg.run.overwrite or (not cfg.run.resume and run_dir_state(self.run_dir) == "unstarted"):
+            if (cleared := clear_run_dir(self.run_dir)): self.log(f"cleared {self.run_dir}: {', '.join(cleared)}")
+        mark_run_dir(self.run_dir)
         (self.run_dir/"samples").mkdir(parents=True, exist_ok=True)
-        (self.run_dir/"config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        write_text_atomic(self.run_dir/"config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))   # the other ranks may be reading it
     acc.wait_for_everyone()
     if acc.num_processes > 1 and (blind := check_shared_dir(acc, self.run_dir)):
         raise TrainingError(f"run.dir={str(self.run_dir)!r} is not the same folder for every process: process(es) "
                             f"{blind} do not see the main process's files there. With several machines, put run.dir "
                             "on a file system they all share: only the main process writes checkpoints and the final "
                             "model, and every process reads them to resume.")
-    self.load_model()
     acc.register_for_checkpointing(self.state)
     if self.tracker is not None: acc.register_for_checkpointing(self.tracker)
     if cfg.model.lora: _register_lora_hooks(acc)
@@ -83,13 +87,28 @@ def _world_captions(prompts:list[str]) -> bool:
     try: [parse_caption(p) for p in prompts]; return True
     except ValueError: return False
 
+def _geneval_prompts(prompts:list[str]) -> bool:
+    try: [parse_prompt(p) for p in prompts]; return True
+    except ValueError: return False
+
+def geneval_tasks(now:dict, prompts:list[str]) -> dict:
+    "Each toy GenEval task's share of passing pairs and their overall mean, by both readings (`eval_geneval_*`)."
+    out = {}
+    for key in ("geneval", "geneval_components"):
+        table = summarize(dict(correct=now[key].bool(), task=[parse_prompt(p).task for p in prompts]))
+        out.update({f"eval_{key}_{task}": acc for task, (acc, _) in table.items()})
+    return out
+
 @patch
 def pair_scores(self:DDPOTrainer, images:torch.Tensor, prompts:list[str]) -> dict[str, torch.Tensor]:
-    "Per evaluation pair: the trained reward, each monitored one and, on shape-world prompts, the judge's `aligned`."
+    "Per evaluation pair: the trained reward, the monitored ones, the judge's `aligned` or toy GenEval's verdicts."
     out = {"reward": self.reward_fn(images, prompts), **{n: f(images, prompts) for n, f in self.monitor_fns.items()}}
     if _world_captions(prompts):    # the independent observer of lesson 00a, never a reward
         if getattr(self, "judge", None) is None: self.judge = load_judge()
         out["aligned"] = judged_aligned(images, prompts, self.judge)["aligned"].float()
+    if _geneval_prompts(prompts):   # toy GenEval's verdicts, by its detector and by the reading with nothing learned
+        out["geneval"] = geneval_score(images, prompts)["correct"].float()
+        out["geneval_components"] = geneval_score(images, prompts, read_components)["correct"].float()
     return out
 
 def pair_wins(now:dict, before:dict) -> dict:
@@ -121,6 +140,7 @@ def evaluate(self:DDPOTrainer, epoch:int) -> dict:
             scores = self.pair_scores(images, cfg.run.eval_prompts)
             rewards = scores["reward"]
             result["eval_reward"] = rewards.mean().item()
+            if "geneval" in scores: result.update(geneval_tasks(scores, cfg.run.eval_prompts))   # per task, in metrics
             if epoch == -1: self._eval_before = scores     # each later evaluation is judged pair by pair against these
             else:
                 if getattr(self, "_eval_before", None) is None:   # a resumed run: score the saved images of before

@@ -19,10 +19,10 @@ from .models import toy_dir, verify_checksums
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLOURS', 'BACKGROUNDS', 'RARE', 'HELD_OUT', 'RARE_WEIGHT', 'IMAGE_SIZE', 'ALL_PAIRS', 'GOLD_WEIGHTS',
-           'combo_weights', 'pair_kind', 'caption', 'parse_caption', 'Scene', 'draw_shape', 'random_scene', 'render',
-           'ShapeWorld', 'world_tensors', 'labels_of', 'gold_parts', 'gold_score', 'ShapeNet', 'perception_loss',
-           'fit_observer', 'train_shapenet', 'perception_accuracy', 'load_shapenet', 'ShapeJudge', 'augment',
-           'train_judge', 'load_judge', 'judged_aligned']
+           'combo_weights', 'pair_kind', 'caption', 'parse_caption', 'Scene', 'paint_shape', 'shape_box', 'draw_shape',
+           'random_scene', 'render', 'ShapeWorld', 'world_tensors', 'labels_of', 'gold_parts', 'gold_score', 'ShapeNet',
+           'perception_loss', 'fit_observer', 'train_shapenet', 'perception_accuracy', 'load_shapenet', 'ShapeJudge',
+           'augment', 'train_judge', 'load_judge', 'judged_aligned']
 
 # %% ../nbs/00a_world.ipynb #00c83524
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -73,14 +73,8 @@ class Scene:
     @property
     def caption(self) -> str: return caption(self.colour, self.shape, self.background)
 
-def draw_shape(shape:str, colour:tuple, background:tuple, size:float, cx:float, cy:float,
-               res:int=IMAGE_SIZE, # output size in pixels
-               supersample:int=4, # drawn this many times larger, then box-filtered down (anti-aliasing)
-              ) -> np.ndarray:
-    "A uint8 image `[res, res, 3]` of one shape."
-    R, k = res * supersample, supersample
-    im = Image.new("RGB", (R, R), tuple(background)); d = ImageDraw.Draw(im)
-    r, x, y, fill = size * k, cx * k, cy * k, tuple(colour)
+def paint_shape(d:ImageDraw.ImageDraw, shape:str, fill:tuple, r:float, x:float, y:float):
+    "Draw one shape of half-width `r` centred on (`x`, `y`) onto the PIL canvas `d` (in the canvas's pixels)."
     if shape == "circle": d.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif shape == "square": s = 0.85 * r; d.rectangle([x - s, y - s, x + s, y + s], fill=fill)
     elif shape == "triangle":
@@ -89,6 +83,20 @@ def draw_shape(shape:str, colour:tuple, background:tuple, size:float, cx:float, 
         w = 0.38 * r; d.rectangle([x - r, y - w, x + r, y + w], fill=fill); d.rectangle([x - w, y - r, x + w, y + r],
                                                                                         fill=fill)
     else: raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+
+def shape_box(shape:str, size:float, cx:float, cy:float) -> tuple[float, float, float, float]:
+    "The exact box (x0, y0, x1, y1) in pixels that `paint_shape` fills for a shape of half-width `size`."
+    w, top, bottom = {"square": (0.85, 0.85, 0.85), "triangle": (0.95, 1.0, 0.75)}.get(shape, (1.0, 1.0, 1.0))
+    return cx - w * size, cy - top * size, cx + w * size, cy + bottom * size
+
+def draw_shape(shape:str, colour:tuple, background:tuple, size:float, cx:float, cy:float,
+               res:int=IMAGE_SIZE, # output size in pixels
+               supersample:int=4, # drawn this many times larger, then box-filtered down (anti-aliasing)
+              ) -> np.ndarray:
+    "A uint8 image `[res, res, 3]` of one shape."
+    R, k = res * supersample, supersample
+    im = Image.new("RGB", (R, R), tuple(background))
+    paint_shape(ImageDraw.Draw(im), shape, tuple(colour), size * k, cx * k, cy * k)
     return np.asarray(im.resize((res, res), Image.BOX))
 
 def _jitter(rgb, rng, amount:int) -> tuple:

@@ -62,3 +62,11 @@ def record_log_ratios(monkeypatch) -> list[float]:
 def log_ratios(monkeypatch) -> list[float]:
     "`record_log_ratios` as a fixture."
     return record_log_ratios(monkeypatch)
+
+
+def run_ok(cmd:list[str], **kwargs):
+    "Run `cmd` to the end; if it fails, fail the test with the tail of its output (CI shows nothing else of it)."
+    import subprocess
+    r = subprocess.run(cmd, env=ENV, timeout=600, capture_output=True, text=True, **kwargs)
+    assert r.returncode == 0, f"exit {r.returncode}: {' '.join(cmd[-6:])}\n--- stderr ---\n{r.stderr[-6000:]}\n--- stdout ---\n{r.stdout[-2000:]}"
+    return r

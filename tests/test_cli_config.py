@@ -35,6 +35,18 @@ BAD = [
     ("run.trackers=[mlflow]", "unknown tracker 'mlflow'"),
     ("model.name=./no/such/model", "model.name='./no/such/model'"),
     ("train.learning_rate=fast", "train.learning_rate='fast': expected a number"),
+    ("train.learning_rate=.inf", "train.learning_rate=inf: must be a finite number > 0"),
+    ("train.learning_rate=0", "train.learning_rate=0.0: must be a finite number > 0"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0: must be a finite number > 0 (a negative one reverses"),
+    ("train.max_grad_norm=0", "train.max_grad_norm=0.0: must be a finite number > 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay=-0.1: must be a finite number >= 0"),
+    ("train.adam_beta1=1", "train.adam_beta1=1.0: must be in [0, 1)"),
+    ("train.adam_beta2=-0.5", "train.adam_beta2=-0.5: must be in [0, 1)"),
+    ("train.adam_eps=0", "train.adam_eps=0.0: must be a finite number > 0"),
+    ("sample.guidance_scale=0.5", "sample.guidance_scale=0.5: must be a finite number >= 1"),
+    ("model.lora_alpha=0", "model.lora_alpha=0.0: must be a number > 0"),
+    ("run.eval_prompts=[]", "run.eval_prompts=[]: is empty"),
+    ("run.dir=", "run.dir='': is empty"),
 ]
 
 @pytest.mark.parametrize("override,message", BAD)

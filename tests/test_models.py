@@ -17,7 +17,9 @@ def test_every_toy_file_is_packaged_and_checksummed():
     assert files and all(any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/") for pat in patterns) for f in files), files
     listed = {l.split("  ", 1)[1] for l in (toy_dir()/"SHA256SUMS").read_text().splitlines()}
     assert listed == {f[len("toy/"):] for f in files} - {"SHA256SUMS"}
-    assert sum((toy_dir()/f).stat().st_size for f in listed) < 32e6       # the size budget of the shipped weights
+    # the size budget of the shipped weights: three small pipelines (shapes, its early checkpoint, scenes) and three
+    # small networks come to 49 MB; a wheel stays well under PyPI's 100 MB, and a fourth pipeline would need a reason
+    assert sum((toy_dir()/f).stat().st_size for f in listed) < 52e6
 
 def test_toy_pipeline_loads_with_diffusers_alone():
     from diffusers import StableDiffusionPipeline

@@ -56,3 +56,28 @@ def test_clip_explorer_redraws_outside_a_notebook():
     box.children[0].value = 0.01
     assert before and image.value != before
 
+
+def floors() -> dict[str, int]:
+    "CONTRIBUTING.md's stack: module name -> floor, read from its table."
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \|", (ROOT/"CONTRIBUTING.md").read_text(), flags=re.M)
+    return {m: int(f) for f, m in rows}
+
+def test_each_module_imports_only_modules_on_lower_floors():
+    "The stack of CONTRIBUTING.md holds: no import runs back up or sideways, and every module has a floor."
+    import ast
+    table = floors()
+    modules = sorted(p.stem for p in (ROOT/"ddpo_course").glob("*.py") if not p.stem.startswith("_"))
+    assert sorted(table) == modules, f"CONTRIBUTING.md's stack lacks or has extra modules: {set(table) ^ set(modules)}"
+    bad = []
+    for m in modules:
+        tree = ast.parse((ROOT/"ddpo_course"/f"{m}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else [node.module or a.name for a in node.names]
+                names = [n.removeprefix("ddpo_course.") for n in names if node.level or n.startswith("ddpo_course.")]
+            elif isinstance(node, ast.Import):
+                names = [a.name.removeprefix("ddpo_course.") for a in node.names if a.name.startswith("ddpo_course.")]
+            else: continue
+            bad += [f"{m} (floor {table[m]}) imports {n} (floor {table[n]})" for n in names
+                    if n in table and table[n] >= table[m]]
+    assert not bad, "imports that run back up or sideways: " + "; ".join(bad)

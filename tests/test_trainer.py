@@ -12,7 +12,7 @@ from ddpo_course.models import load_pipeline, same_weights
 from ddpo_course.runlog import latest_checkpoint, read_metrics
 from ddpo_course.config import load_config
 from ddpo_course.train import DDPOTrainer, TrainingError
-from conftest import ENV, SMALL, launch, small, unet_output
+from conftest import ENV, SMALL, launch, run_ok, small, unet_output
 
 def test_full_finetune_one_process(tmp_path):
     trainer = DDPOTrainer(small(tmp_path/"run", "train.epochs=2", "train.log_kl_ref=false"))
@@ -74,8 +74,8 @@ def test_two_processes_save_resume_identical_ranks(tmp_path, lora, method):
     run = tmp_path/"run"
     args = ["tiny", f"run.dir={run}", *SMALL, "run.checkpoint_every=1", "run.record_weights=true", "train.batch_size=2",
             f"model.lora={str(lora).lower()}", f"train.method={method}", *(["run.snr_every=1"] if method == "nft" else [])]
-    subprocess.run(launch() + args + ["train.epochs=2"], env=ENV, check=True, timeout=600, capture_output=True)
-    subprocess.run(launch() + args + ["train.epochs=3", "run.resume=true"], env=ENV, check=True, timeout=600, capture_output=True)
+    run_ok(launch() + args + ["train.epochs=2"])
+    run_ok(launch() + args + ["train.epochs=3", "run.resume=true"])
     r0, r1 = weights_log(run, 0), weights_log(run, 1)
     assert len(r0) == 3 * 2 and r0 == r1          # 2 minibatches per process per epoch, identical after every step
     assert len({r["sum"] for r in r0}) == len(r0)  # and the weights did change at every step
@@ -119,9 +119,9 @@ def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, proc
     start = launch() if processes == 2 else [sys.executable, "-m", "ddpo_course.train"]
     args = start + ["tiny", *SMALL, "train.epochs=3", "run.checkpoint_every=1", f"model.lora={str(lora).lower()}", f"train.method={method}",
                     *(["train.batch_size=2", "train.global_batch_size=8"] if processes > 1 else [])]   # 2 minibatches of 2 per rank per step
-    subprocess.run(args + [f"run.dir={tmp_path/'a'}"], env=ENV, check=True, timeout=600, capture_output=True)
+    run_ok(args + [f"run.dir={tmp_path/'a'}"])
     kill_after_checkpoint(args + [f"run.dir={tmp_path/'b'}"], tmp_path/"b")
-    subprocess.run(args + [f"run.dir={tmp_path/'b'}", "run.resume=true"], env=ENV, check=True, timeout=600, capture_output=True)
+    run_ok(args + [f"run.dir={tmp_path/'b'}", "run.resume=true"])
     a, b = final_weights(tmp_path/"a"), final_weights(tmp_path/"b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["epoch"] for m in read_metrics(tmp_path/"b")] == list(range(3))
@@ -170,7 +170,7 @@ def test_groups_held_out_prompts_and_diversity_two_processes(tmp_path):
     run = tmp_path/"run"
     args = ["tiny", f"run.dir={run}", *SMALL, "train.batch_size=2", "train.epochs=2", "run.eval_every=1",
             "sample.images_per_prompt=2", "train.advantages=group", "reward.heldout=heldout_animals", "reward.heldout_samples=4"]
-    subprocess.run(launch() + args, env=ENV, check=True, timeout=600, capture_output=True)   # a split group would stop the run
+    run_ok(launch() + args)   # a split group would stop the run
     m = read_metrics(run)
     assert [r["epoch"] for r in m] == [0, 1]
     for r in m:
