@@ -4,7 +4,7 @@
 
 # %% ../nbs/A4_runlog.ipynb #a4000004
 from __future__ import annotations
-import json, os, resource, shutil, sys, uuid
+import hashlib, json, os, resource, shutil, sys, uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,9 @@ from accelerate import Accelerator
 from .config import ConfigError, write_text_atomic
 
 # %% auto #0
-__all__ = ['resolve_trackers', 'wandb_logged_in', 'append_jsonl', 'read_metrics', 'trim_metrics', 'plot_reward_curve',
-           'save_grid', 'peak_rss_mb', 'checkpoints', 'latest_checkpoint', 'write_checkpoint', 'check_shared_dir']
+__all__ = ['COMPLETE', 'resolve_trackers', 'wandb_logged_in', 'append_jsonl', 'read_metrics', 'trim_metrics', 'plot_reward_curve',
+           'save_grid', 'peak_rss_mb', 'checkpoints', 'latest_checkpoint', 'checkpoint_problem', 'resumable_checkpoint',
+           'write_checkpoint', 'check_shared_dir']
 
 # %% ../nbs/A4_runlog.ipynb #a4000007
 def resolve_trackers(names:list[str], # `run.trackers`: tracker names, or ["auto"]
@@ -137,6 +138,40 @@ def latest_checkpoint(run_dir:str|Path) -> Path|None:
     cks = checkpoints(run_dir)
     return cks[-1] if cks else None
 
+COMPLETE = "complete.json"   # written last inside each checkpoint: the size and SHA-256 of every file it holds
+
+def _sha256(p:Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while (chunk := f.read(1 << 22)): h.update(chunk)
+    return h.hexdigest()
+
+def _manifest(folder:Path) -> dict[str, list]:
+    "Each file under `folder` but the marker: its path, size and SHA-256."
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _sha256(p)]
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE}
+
+def checkpoint_problem(path:str|Path) -> str|None:
+    "Why the checkpoint folder `path` cannot be resumed from (no marker, a file missing, cut short or changed), or None."
+    path, marker = Path(path), Path(path)/COMPLETE
+    if not marker.is_file(): return f"it has no {COMPLETE} (its write never finished)"
+    try: files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError): return f"its {COMPLETE} is unreadable"
+    for name, (size, sha) in files.items():
+        p = path/name
+        if not p.is_file(): return f"{name} is missing"
+        if p.stat().st_size != size: return f"{name} has {p.stat().st_size} bytes, not the {size} written"
+        if _sha256(p) != sha: return f"{name} changed since it was written (SHA-256 differs)"
+    return None
+
+def resumable_checkpoint(run_dir:str|Path) -> tuple[Path|None, list[str]]:
+    "The newest checkpoint that is whole, and a sentence for each newer one skipped because it is damaged."
+    skipped = []
+    for ck in reversed(checkpoints(run_dir)):
+        if (why := checkpoint_problem(ck)) is None: return ck, skipped
+        skipped.append(f"checkpoint {ck.name} is damaged: {why}; skipping it")
+    return None, skipped
+
 def _fsync_tree(folder:Path):
     "Flush every file under `folder`, and the folders themselves, to the disk."
     for p in [*folder.rglob("*"), folder]:
@@ -155,6 +190,7 @@ def write_checkpoint(acc:Accelerator, run_dir:str|Path, epoch:int, keep:int) -> 
     acc.save_state(str(tmp))                    # every process writes its part (RNG states, ...)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        (tmp/COMPLETE).write_text(json.dumps(dict(epoch=epoch, files=_manifest(tmp))))   # what a resume verifies
         _fsync_tree(tmp)                        # on the disk before it is named: a power cut cannot rename a hole
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)                  # the checkpoint becomes visible only when complete

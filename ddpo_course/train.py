@@ -4,7 +4,7 @@
 
 # %% ../nbs/06c_train.ipynb #6c000004
 from __future__ import annotations
-import argparse, sys, time
+import argparse, contextlib, signal, sys, threading, time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from .config import (ConfigError, clear_run_dir, config_to_dict, load_config, ma
 from .epoch import EpochTrainer, TrainingError
 from .rewards import RewardError
 from .runlog import (append_jsonl, check_shared_dir, latest_checkpoint, peak_rss_mb, plot_reward_curve,
-                                read_metrics, save_grid, trim_metrics, write_checkpoint)
+                                read_metrics, resumable_checkpoint, save_grid, trim_metrics, write_checkpoint)
 from .sampling import decode_latents, sample_trajectories
 from .geneval import geneval_score, parse_prompt, read_components, summarize
 from .world import judged_aligned, load_judge, parse_caption
@@ -44,7 +44,8 @@ def setup(self:DDPOTrainer):
             if (cleared := clear_run_dir(self.run_dir)): self.log(f"cleared {self.run_dir}: {', '.join(cleared)}")
         mark_run_dir(self.run_dir)
         (self.run_dir/"samples").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir/"config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))   # the other ranks may be reading it
+        # in one step: the other processes may be reading the saved one to check a resume
+        write_text_atomic(self.run_dir/"config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     acc.wait_for_everyone()
     if acc.num_processes > 1 and (blind := check_shared_dir(acc, self.run_dir)):
         raise TrainingError(f"run.dir={str(self.run_dir)!r} is not the same folder for every process: process(es) "
@@ -172,9 +173,11 @@ def save_checkpoint(self:DDPOTrainer, epoch:int) -> Path:
 
 @patch
 def resume(self:DDPOTrainer):
-    "Load the latest checkpoint of the run folder, and drop metrics logged after it."
-    path = latest_checkpoint(self.run_dir)
-    if path is None: raise ConfigError(f"run.resume=true but {self.run_dir/'checkpoints'} holds no complete checkpoint")
+    "Load the newest whole checkpoint of the run folder (saying which damaged ones it skips); drop metrics after it."
+    path, skipped = resumable_checkpoint(self.run_dir)
+    for line in skipped: self.log(line)
+    if path is None: raise ConfigError(f"run.resume=true but {self.run_dir/'checkpoints'} holds no complete checkpoint"
+                                       + (f" ({len(skipped)} damaged: {skipped[0]})" if skipped else ""))
     self.acc.load_state(str(path))
     if self.main: trim_metrics(self.run_dir, self.state.epoch)
     self.log(f"resumed from {path} (epoch {self.state.epoch}, step {self.state.global_step})")
@@ -214,6 +217,20 @@ def log_epoch(self:DDPOTrainer, metrics:dict, all_rewards:torch.Tensor):
         plot_reward_curve(self.run_dir, self.run_dir/"reward_curve.png")
 
 # %% ../nbs/06c_train.ipynb #93504016
+@contextlib.contextmanager
+def _sigterm_flag():
+    "While inside: SIGTERM sets the event yielded instead of killing the process (where a handler can be set)."
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread(): yield flag; return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try: yield flag
+    finally: signal.signal(signal.SIGTERM, previous)
+
+@patch
+def agreed(self:DDPOTrainer, flag:bool) -> bool:
+    "Whether `flag` is set on any process (every process gets the same answer)."
+    return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), "max").item())
+
 @patch
 def train(self:DDPOTrainer):
     "Run the remaining epochs, then save the final model."
@@ -226,45 +243,55 @@ def train(self:DDPOTrainer):
     eval_before = self.evaluate(-1) if self.state.epoch == -1 else None   # the grid's first row: before any update
     mb = self._mb = master_bar(epochs) if self.main and cfg.run.progress else None
     checkpoint_s = 0.0     # the checkpoint written after a metrics line is timed in the next line
-    for epoch in mb if mb is not None else epochs:
-        t0 = time.perf_counter()
-        samples = self.sample_epoch(epoch)
-        t1 = time.perf_counter()
-        self.compute_advantages(epoch, samples)
-        t2 = time.perf_counter()
-        measure = cfg.run.snr_every and epoch % cfg.run.snr_every == 0
-        snr = self.measure_snr(epoch, samples.traj, samples.advantages) if measure else {}
-        t_snr = time.perf_counter()
-        stats = self.train_epoch(epoch, samples.traj, samples.advantages)
-        t3 = time.perf_counter()
-        self.state.epoch = epoch
-        last = epoch == cfg.train.epochs - 1
-        evals = self.evaluate(epoch) if epoch % cfg.run.eval_every == 0 or last else {}
-        t4 = time.perf_counter()
-        r = samples.all_rewards
-        hist, edges = np.histogram(r.numpy(), bins=10)
-        monitored = {f"monitor_{n}_{k}": f(v).item() for n, v in samples.all_monitored.items()
-                     for k, f in (("mean", torch.mean), ("std", lambda v: v.std(unbiased=False)))}
-        epoch_s = t4 - t0 + checkpoint_s
-        metrics = dict(epoch=epoch, global_step=self.state.global_step, reward_mean=r.mean().item(),
-                       reward_std=r.std(unbiased=False).item(), reward_min=r.min().item(), reward_max=r.max().item(),
-                       reward_hist=hist.tolist(), reward_bins=edges.tolist(), **monitored, **stats, **snr,
-                       **samples.diversity, lr=self.lr_sched.get_last_lr()[0],
-                       eval_reward=evals.pop("eval_reward", None),
-                       **evals, **samples.times, gather_s=t2 - t1, snr_s=t_snr - t2, training_s=t3 - t_snr,
-                       eval_s=t4 - t3, checkpoint_s=checkpoint_s, epoch_s=epoch_s,
-                       samples_per_s=cfg.sample.samples_per_epoch / epoch_s, peak_rss_mb=peak_rss_mb(acc))
-        if eval_before is not None and epoch == epochs.start:
-            metrics.update({f"{k}_before": v for k, v in eval_before.items()})
-        self.log_epoch(metrics, r)
-        if mb is not None:
-            mb.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
-                     + (f"kl {metrics['approx_kl']:.2e}, clipfrac {metrics['clipfrac']:.2f}" if "clipfrac" in metrics
-                        else f"shift {metrics['nft_shift']:.2e}") + f", {metrics['epoch_s']:.1f} s")
-        t5 = time.perf_counter()   # the record first, then the checkpoint: a kill between them loses nothing, since
-        if (epoch + 1) % cfg.run.checkpoint_every == 0 or last:   # a resume drops the lines after its checkpoint
-            self.save_checkpoint(epoch)
-        checkpoint_s = time.perf_counter() - t5
+    self.stopped = False
+    with _sigterm_flag() as term:
+        for epoch in mb if mb is not None else epochs:
+            t0 = time.perf_counter()
+            samples = self.sample_epoch(epoch)
+            t1 = time.perf_counter()
+            self.compute_advantages(epoch, samples)
+            t2 = time.perf_counter()
+            measure = cfg.run.snr_every and epoch % cfg.run.snr_every == 0
+            snr = self.measure_snr(epoch, samples.traj, samples.advantages) if measure else {}
+            t_snr = time.perf_counter()
+            stats = self.train_epoch(epoch, samples.traj, samples.advantages)
+            t3 = time.perf_counter()
+            self.state.epoch = epoch
+            last = epoch == cfg.train.epochs - 1
+            evals = self.evaluate(epoch) if epoch % cfg.run.eval_every == 0 or last else {}
+            t4 = time.perf_counter()
+            r = samples.all_rewards
+            hist, edges = np.histogram(r.numpy(), bins=10)
+            monitored = {f"monitor_{n}_{k}": f(v).item() for n, v in samples.all_monitored.items()
+                         for k, f in (("mean", torch.mean), ("std", lambda v: v.std(unbiased=False)))}
+            epoch_s = t4 - t0 + checkpoint_s
+            metrics = dict(epoch=epoch, global_step=self.state.global_step, reward_mean=r.mean().item(),
+                           reward_std=r.std(unbiased=False).item(), reward_min=r.min().item(),
+                           reward_max=r.max().item(),
+                           reward_hist=hist.tolist(), reward_bins=edges.tolist(), **monitored, **stats, **snr,
+                           **samples.diversity, lr=self.lr_sched.get_last_lr()[0],
+                           eval_reward=evals.pop("eval_reward", None),
+                           **evals, **samples.times, gather_s=t2 - t1, snr_s=t_snr - t2, training_s=t3 - t_snr,
+                           eval_s=t4 - t3, checkpoint_s=checkpoint_s, epoch_s=epoch_s,
+                           samples_per_s=cfg.sample.samples_per_epoch / epoch_s, peak_rss_mb=peak_rss_mb(acc))
+            if eval_before is not None and epoch == epochs.start:
+                metrics.update({f"{k}_before": v for k, v in eval_before.items()})
+            self.log_epoch(metrics, r)
+            if mb is not None:
+                mb.write(f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
+                         + (f"kl {metrics['approx_kl']:.2e}, clipfrac {metrics['clipfrac']:.2f}"
+                            if "clipfrac" in metrics else f"shift {metrics['nft_shift']:.2e}")
+                         + f", {metrics['epoch_s']:.1f} s")
+            t5 = time.perf_counter()   # the record first, then the checkpoint: a kill between them loses nothing, since
+            if (epoch + 1) % cfg.run.checkpoint_every == 0 or last:   # a resume drops the lines after its checkpoint
+                self.save_checkpoint(epoch)
+            checkpoint_s = time.perf_counter() - t5
+            if not last and self.agreed(term.is_set()):   # SIGTERM (a scheduler) to any process: stop here
+                if (epoch + 1) % cfg.run.checkpoint_every: self.save_checkpoint(epoch)
+                self.log(f"SIGTERM: stopped after epoch {epoch}, its checkpoint written; the same command with "
+                         "run.resume=true continues the run")
+                self.stopped = True
+                return read_metrics(self.run_dir)
     out = self.save_final()
     m = read_metrics(self.run_dir)
     if m and "eval_win_reward" in m[-1]:
@@ -297,7 +324,8 @@ def main(argv:list[str]|None=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config: print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)); return 0
-        DDPOTrainer(cfg).train()
+        trainer = DDPOTrainer(cfg); trainer.train()
+        if trainer.stopped: return 128 + signal.SIGTERM     # checkpointed, not finished: what schedulers expect
     except ConfigError as e: print(f"ddpo-train: configuration error: {e}", file=sys.stderr); return 2
     except TrainingError as e: print(f"ddpo-train: training stopped: {e}", file=sys.stderr); return 1
     return 0

@@ -112,3 +112,20 @@ def test_a_reader_never_sees_a_half_written_config(tmp_path):
     done.set(); t.join()
     assert len(seen) > 5 and all(s in texts for s in seen), {len(s) for s in seen if s not in texts}
     assert [q.name for q in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    "A resume whose newest checkpoint was cut short says so and continues from the previous one, to the same end."
+    from ddpo_course.runlog import checkpoints
+    run = tmp_path/"run"
+    args = ["tiny", f"run.dir={run}", *SMALL, "run.checkpoint_every=1", "run.keep_checkpoints=2"]
+    assert main(args + ["train.epochs=2"]) == 0
+    newest = checkpoints(run)[-1]
+    weights = sorted(newest.glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(args + ["train.epochs=3", "run.resume=true"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest.name} is damaged: {weights.name} has" in out and "resumed from" in out and "epoch 0" in out
+    from ddpo_course.runlog import read_metrics
+    assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2] and (run/"final").exists()

@@ -279,3 +279,26 @@ def test_nft_logs_its_gradient_signal_to_noise_and_its_shift(tmp_path):
     assert "grad_cos_t" not in m[0]
     assert "clipfrac" not in m[0] and m[0]["nft_shift"] > 0 and m[1]["global_step"] == 4
 
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_then_resumes(tmp_path):
+    """What a cluster scheduler sends before preemption: the run ends the epoch it is in, writes that epoch's checkpoint
+    (none was due: checkpoint_every is larger than the run) and exits with 143; the same command with run.resume=true
+    then finishes it, every epoch once."""
+    run = tmp_path/"run"
+    args = [sys.executable, "-m", "ddpo_course.train", "tiny", *SMALL, "train.epochs=30", "run.checkpoint_every=100",
+            f"run.dir={run}"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not read_metrics(run):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its first epoch"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    ck, done = latest_checkpoint(run), read_metrics(run)
+    assert "SIGTERM: stopped after epoch" in out and ck is not None and not (run/"final").exists()
+    assert int(ck.name[6:]) == done[-1]["epoch"] < 29      # the checkpoint is the last epoch logged, long before the end
+    run_ok(args[:-3] + ["train.epochs=" + str(done[-1]["epoch"] + 3), f"run.dir={run}", "run.resume=true",
+                        "run.checkpoint_every=100"])
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(done[-1]["epoch"] + 3)) and (run/"final").exists()
