@@ -213,15 +213,17 @@ def with_denoiser(pipe:StableDiffusionPipeline, folder:str|Path) -> StableDiffus
 
 def rate_checkpoints(pipe_dir:str|Path, # the finished run's diffusers folder, with its pretrain_log.json
                      checkpoint_dir:str|Path, # `pretrain_toy`'s checkpoint_dir
-                     per_prompt:int=4) -> list[dict]:
-    "The judge's alignment rates of every checkpoint and the final model, with the CPU time to reach each; logged."
+                     per_prompt:int=4, # images per prompt of the default rating
+                     rate:Callable|None=None, # pipeline -> dict of rates; None: the judge's `alignment_rates`
+                    ) -> list[dict]:
+    "The rates of every checkpoint and the final model (the judge's alignment by default), with the CPU time to reach each; logged."
     log_path = Path(pipe_dir)/"pretrain_log.json"
     log, pipe = json.loads(log_path.read_text()), load_pipeline(pipe_dir)
     curve = []
     for ck in log["checkpoints"]:
         folder = Path(checkpoint_dir)/f"step-{ck['step']:05d}"
         model = with_denoiser(pipe, folder) if folder.is_dir() else pipe       # the last entry is the final model
-        curve.append(dict(**ck, **alignment_rates(model, per_prompt=per_prompt)))
+        curve.append(dict(**ck, **(rate(model) if rate else alignment_rates(model, per_prompt=per_prompt))))
     log["compute_curve"] = curve
     log_path.write_text(json.dumps(log))
     return curve

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00e_scene_model.ipynb #0dfaf2aa
 from __future__ import annotations
-import json, time
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -13,8 +13,8 @@ from torch import Tensor
 from diffusers import StableDiffusionPipeline
 
 from .geneval import evaluation_prompts, geneval_score, read_components, summarize
-from .models import CLIP_TINY, build_pipeline, load_pipeline
-from .pretrain import pretrain_on, sample_images, with_denoiser
+from .models import CLIP_TINY, build_pipeline
+from .pretrain import pretrain_on, rate_checkpoints, sample_images
 from .scenes import scene_tensors
 
 # %% auto #0
@@ -64,14 +64,6 @@ def rate_scene_checkpoints(pipe_dir:str|Path, # the finished run's diffusers fol
                      checkpoint_dir:str|Path, # `pretrain_scenes`'s checkpoint_dir
                      per_task:int=80) -> list[dict]:
     "Toy GenEval (detector) of every checkpoint and the final model, with the CPU time to reach each; logged."
-    log_path = Path(pipe_dir)/"pretrain_log.json"
-    log, pipe = json.loads(log_path.read_text()), load_pipeline(pipe_dir)
-    curve = []
-    for ck in log["checkpoints"]:
-        folder = Path(checkpoint_dir)/f"step-{ck['step']:05d}"
-        model = with_denoiser(pipe, folder) if folder.is_dir() else pipe       # the last entry is the final model
-        table = geneval_of(model, evaluation_prompts("test", per_task))[0]
-        curve.append(dict(**ck, **{t: v for t, (v, _) in table.items()}))
-    log["compute_curve"] = curve
-    log_path.write_text(json.dumps(log))
-    return curve
+    def rate(model):
+        return {t: v for t, (v, _) in geneval_of(model, evaluation_prompts("test", per_task))[0].items()}
+    return rate_checkpoints(pipe_dir, checkpoint_dir, rate=rate)

@@ -19,7 +19,7 @@ from .config import (ConfigError, clear_run_dir, config_to_dict, load_config, ma
                                 preset_description, run_dir_state, write_text_atomic)
 from .epoch import EpochTrainer, TrainingError
 from .rewards import RewardError
-from .runlog import (append_jsonl, check_shared_dir, latest_checkpoint, peak_rss_mb, plot_reward_curve,
+from .runlog import (append_jsonl, check_shared_dir, peak_rss_mb, plot_reward_curve,
                                 read_metrics, resumable_checkpoint, save_grid, trim_metrics, write_checkpoint)
 from .sampling import decode_latents, sample_trajectories
 from .geneval import geneval_score, parse_prompt, read_components, summarize
