@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ddpo_course.rewards import REWARDS, RewardError, checked, get_reward
-from ddpo_course.train import DDPOTrainer, TrainingError, latest_checkpoint
+from ddpo_course.train import DDPOTrainer, TrainingError
+from ddpo_course.runlog import latest_checkpoint
 from conftest import ENV, SMALL, launch, small
 
 def test_toy_rewards_on_world_images():
