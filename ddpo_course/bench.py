@@ -24,7 +24,7 @@ __all__ = ['BENCH_EPOCH', 'PHASES', 'PLAIN_UNET', 'LEVERS', 'KINDS', 'SMALL', 'T
            'machine_info', 'bench_prompts', 'bench_sampling', 'bench_training', 'epoch_breakdown', 'time_epoch',
            'epoch_scaling', 'plot_scaling', 'measure_peak_rss', 'peak_rss_epoch', 'bench_epoch', 'compare_epochs',
            'format_settings', 'native_bf16', 'matmul_peak_tflops', 'unet_flops', 'unet_levers', 'format_levers',
-           'call_rows_cost', 'format_call_rows', 'run_benchmarks', 'format_table', 'main']
+           'call_rows_cost', 'format_call_rows', 'bench_geneval', 'run_benchmarks', 'format_table', 'main']
 
 # %% ../nbs/90_benchmarks.ipynb #8d2178fc
 @dataclass
@@ -518,6 +518,28 @@ def format_call_rows(r:dict) -> str:
     lines += [f"{n:>14}{v:>12.3f}{f'[{lo:.3f}, {hi:.3f}]':>18}{v / best:>13.2f}"
               for (n, v), (lo, hi) in zip(r["ms_per_row"].items(), r["range_ms_per_row"].values())]
     return "\n".join(lines)
+
+# %% ../nbs/90_benchmarks.ipynb #b7a1e002
+def bench_geneval(n:int=128, # images scored per call
+                  repeats:int=5) -> dict:
+    "Seconds per `n` images of toy GenEval by the detector and by the components reading (medians), and per load."
+    import numpy as np
+    from ddpo_course.geneval import evaluation_prompts, geneval_score, load_detector, parse_prompt, read_components, scene_for
+    from ddpo_course.scenes import render_scene
+    prompts = evaluation_prompts("test")[:n]
+    prompts = (prompts * (n // len(prompts) + 1))[:n]
+    rng = np.random.default_rng(0)
+    ims = torch.stack([torch.from_numpy(render_scene(scene_for(parse_prompt(p), rng), rng).copy()) for p in prompts])
+    t0 = time.perf_counter(); det = load_detector(); load_s = time.perf_counter() - t0
+    out = dict(images=n, load_detector_s=load_s, threads=torch.get_num_threads())
+    for name, reader in (("detector", det), ("components", read_components)):
+        geneval_score(ims, prompts, reader)                                      # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter(); res = geneval_score(ims, prompts, reader); times.append(time.perf_counter() - t0)
+        out[name] = dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                         passed=res["correct"].float().mean().item())
+    return out
 
 # %% ../nbs/90_benchmarks.ipynb #acf1de4e
 SMALL = dict(sampling=dict(batch_size=4, num_steps=4), training=dict(samples=8, batch_size=4, num_steps=4),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_config.ipynb #d80cbeb4
 from __future__ import annotations
-import dataclasses, fnmatch, json, math, os, shutil, time
+import dataclasses, fnmatch, json, math, os, shutil, time, uuid
 from dataclasses import dataclass, field, asdict
 from importlib.resources import files
 from pathlib import Path
@@ -22,7 +22,7 @@ __all__ = ['Precision', 'Method', 'Baseline', 'TimestepChoice', 'TRACKERS', 'COM
            'TrainConfig', 'RunConfig', 'Config', 'ConfigError', 'config_from_dict', 'set_field', 'apply_overrides',
            'config_to_dict', 'preset_names', 'load_config', 'preset_description', 'config_changes', 'trained_steps',
            'timesteps_per_call', 'batches_per_call', 'minibatches_per_step', 'validate', 'run_entries', 'run_dir_state',
-           'protected_reason', 'check_run_dir', 'clear_run_dir', 'write_text_atomic', 'mark_run_dir']
+           'protected_reason', 'check_run_dir', 'clear_run_dir', 'write_text_atomic', 'mark_run_dir', 'run_id']
 
 # %% ../nbs/06a_config.ipynb #69d11914
 Precision = Literal["no", "bf16", "fp16"]           # model.mixed_precision
@@ -87,7 +87,8 @@ class TrainConfig:
     nft_beta: float = 1.0              # nft: β, how far the implicit good and bad policies are from the sampler
     nft_t_min: int = 0                 # nft: the smallest noise level drawn, t ~ U{nft_t_min..999}; higher: noisier
     advantages: Baseline = "per_prompt"  # "per_prompt" (buffer of recent rewards), "group" (epoch's k samples), "batch"
-    kl_coef: float = 0.0               # β of the KL penalty to the pretrained model (DPOK); kl_ref is logged even at 0
+    kl_coef: float = 0.0               # β of the KL penalty to the pretrained model (DPOK); kl_ref is logged even at 0;
+                                       # method=nft: β·‖ε_θ − ε_ref‖² on its forward-process draws
     log_kl_ref: bool = True            # at kl_coef 0, log kl_ref anyway (a reference copy, a no-grad call/minibatch)
     shuffle_advantages: bool = False   # the control: advantages shuffled within each optimizer step, nothing else
     stat_buffer_size: int = 32
@@ -225,7 +226,13 @@ def load_config(source:str|None=None, # a preset name, a YAML file, or None for 
     elif Path(source).expanduser().is_file(): text = Path(source).expanduser().read_text()
     else: raise ConfigError(f"config {source!r}: not a preset ({', '.join(preset_names())}) nor an existing YAML file")
     try: data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e: raise ConfigError(f"config {source!r} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:
+        mark, what = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config {source!r} is not valid YAML: {what}{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source!r} must be a mapping of sections (model:, sample:, reward:, train:, run:), "
+                          f"not a {type(data).__name__}; see `ddpo-train --print-config` for the shape")
     return apply_overrides(config_from_dict(data), list(overrides))
 
 def preset_description(name:str) -> str:
@@ -385,9 +392,6 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
         if not 0 <= t.nft_t_min < 1000:
             _err("train.nft_t_min", t.nft_t_min,
                  "must be a timestep in [0, 999]: 0 draws every noise level, e.g. 700 only the noisiest 30%")
-        if t.kl_coef:
-            _err("train.kl_coef", t.kl_coef,
-                 "is a penalty on DDPO's reverse steps; train.method=nft has none: set it to 0")
         if t.timesteps != "random":
             _err("train.timesteps", t.timesteps,
                  "selects DDPO's denoising steps; train.method=nft noises each final image at "
@@ -418,6 +422,9 @@ def validate(cfg:Config, num_processes:int=1) -> Config:
     for path, v in (("reward.prompts", r.prompts), ("reward.heldout", r.heldout)):
         if v is not None and v not in PROMPT_SETS and not Path(v).expanduser().is_file():
             _err(path, v, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing text file")
+        if v is not None and v not in PROMPT_SETS:
+            try: get_prompts(v)
+            except (ValueError, UnicodeDecodeError) as e: _err(path, v, f"{e}; give a text file of one prompt per line")
         if v == "pickapic" and not _importable("datasets"):
             _err(path, v, f"needs the datasets package: {PICKAPIC_EXTRA}")
     # (Pick-a-Pic's prompts come from the hub)
@@ -492,6 +499,10 @@ def check_run_dir(run:RunConfig):
     d = Path(run.dir).expanduser()
     if d.exists() and not d.is_dir():
         _err("run.dir", run.dir, "is a file, not a folder; choose a folder for the run (it is created if missing)")
+    up = next(p for p in (d, *d.parents) if p.exists())       # the folder the run's folders would be made in
+    if not up.is_dir() or not os.access(up, os.W_OK | os.X_OK):
+        _err("run.dir", run.dir, f"cannot be created or written: {up} is " + ("a file" if not up.is_dir() else
+             "not writable by this user") + "; choose a folder you can write")
     state = run_dir_state(d)
     others = run_entries(d)[1] if state in ("unstarted", "run", "other") else []
     legacy = state == "other" and any((d/n).exists() for n in ("config.yaml", "metrics.jsonl", "checkpoints"))
@@ -549,4 +560,10 @@ def mark_run_dir(d:str|Path):
     d = Path(d).expanduser()
     d.mkdir(parents=True, exist_ok=True)
     if not (d/RUN_MARKER).is_file(): write_text_atomic(d/RUN_MARKER, json.dumps(
-        dict(package="ddpo_course", version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))) + "\n")
+        dict(package="ddpo_course", version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             run_id=uuid.uuid4().hex[:16])) + "\n")
+
+def run_id(d:str|Path) -> str|None:
+    "The id the marker of run folder `d` gives its run (a tracker's run continues under it on a resume), or None."
+    try: return json.loads((Path(d).expanduser()/RUN_MARKER).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError): return None

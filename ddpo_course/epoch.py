@@ -124,8 +124,8 @@ def load_model(self:EpochTrainer):
         for p in unet.parameters():
             if p.requires_grad: p.data = p.data.float()
     else:
-        if (cfg.train.kl_coef or cfg.train.log_kl_ref) and cfg.train.method != "nft":   # kl_ref's reference: a frozen
-            # copy (with LoRA: the same UNet, adapters off); DiffusionNFT has no reverse step to compare
+        if cfg.train.kl_coef or cfg.train.log_kl_ref and cfg.train.method != "nft":   # kl_ref's reference: a frozen
+            # copy (with LoRA: the same UNet, adapters off); DiffusionNFT compares it only when penalised
             self.ref_unet = copy.deepcopy(unet).requires_grad_(False).to(acc.device, self.weight_dtype).eval()
         unet.requires_grad_(True).to(acc.device, torch.float32)
     if cfg.model.gradient_checkpointing: unet.enable_gradient_checkpointing()
@@ -338,6 +338,18 @@ def per_step_stats(per_t:torch.Tensor) -> dict:
     return dict(clipfrac_t=per(clipped, n), abs_log_ratio_t=per(abs_lr, n), kl_ref_t=per(kl, kl_n))
 
 @patch
+def reference_eps(self:EpochTrainer, x:torch.Tensor, ts:torch.Tensor, emb:torch.Tensor) -> torch.Tensor:
+    "The pretrained model's ε_ref of draws `x` [N, k, ...] at timesteps `ts` [N, k], prompts `emb` [N, ...]."
+    args = (x.flatten(0, 1), ts.flatten())
+    kw = dict(encoder_hidden_states=emb.repeat_interleave(x.shape[1], 0))
+    with torch.no_grad():
+        if not self.cfg.model.lora: return self.ref_unet(*args, **kw).sample
+        unet = self.acc.unwrap_model(self.unet)
+        unet.disable_adapters()          # LoRA: the frozen base weights are the pretrained model
+        try: return unet(*args, **kw).sample
+        finally: unet.enable_adapters()
+
+@patch
 def reference_mean(self:EpochTrainer, sched, args) -> torch.Tensor:
     "The pretrained model's step mean μ_ref at the same states (`args` as for `policy_step`)."
     with torch.no_grad():
@@ -408,7 +420,7 @@ def nft_epoch(self:EpochTrainer, epoch:int, traj:Trajectory, advantages:torch.Te
             eps = [predict(x[k:k + m], tt[k:k + m], owner[k:k + m]).float() for k in range(0, N * n, m)]
             olds.append(torch.cat(eps).reshape(x_t.shape))
     advantages = advantages.to(acc.device)
-    stats = dict(loss=[], nft_shift=[], grad_norm=[])
+    stats = dict(loss=[], nft_shift=[], grad_norm=[], **({"kl_ref": []} if t.kl_coef else {}))
     loss_ok = torch.ones((), dtype=torch.bool, device=acc.device)
     self.unet.train()
     for inner, ((ts, noise, x_t), eps_old) in enumerate(zip(draws, olds)):
@@ -425,7 +437,13 @@ def nft_epoch(self:EpochTrainer, epoch:int, traj:Trajectory, advantages:torch.Te
                     with acc.autocast(): eps = predict(x_t[rows, j:j + kt], ts[rows, j:j + kt], rows)
                     out = nft_loss(eps, pick(eps_old), pick(noise), adv[b:b + bs].repeat_interleave(kt), t.nft_beta,
                                    t.adv_clip_max)
-                    loss_ok = self._backward(epoch, out.loss, loss_ok, stats["grad_norm"])
+                    loss = out.loss
+                    if t.kl_coef:                      # the official recipe's pull to the pretrained model
+                        with acc.autocast(): eps_ref = self.reference_eps(x_t[rows, j:j + kt], ts[rows, j:j + kt],
+                                                                          traj.prompt_embeds[rows])
+                        kl = ((eps.float() - eps_ref.float())**2).mean()      # ‖ε_θ − ε_ref‖², per dimension
+                        loss = loss + t.kl_coef * kl; stats["kl_ref"].append(kl.detach())
+                    loss_ok = self._backward(epoch, loss, loss_ok, stats["grad_norm"])
                     stats["loss"].append(out.loss.detach()); stats["nft_shift"].append(out.shift)
     local = torch.stack([torch.stack(stats[k]).float().mean() for k in stats])
     return dict(zip(stats, acc.reduce(local, reduction="mean").cpu().tolist()))

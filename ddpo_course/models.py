@@ -33,7 +33,12 @@ def check_model_source(model:str|Path, # a hub id ("CompVis/stable-diffusion-v1-
                       ) -> str:
     "Raise a clear error if `model` is neither `TINY`, `TOY`, an existing folder, nor shaped like a hub id."
     model = str(model)
-    if model in (TINY, TOY, TOY_EARLY, TOY_SCENES) or Path(model).expanduser().is_dir(): return model
+    if model in (TINY, TOY, TOY_EARLY, TOY_SCENES): return model
+    if Path(model).expanduser().is_dir():
+        if not (Path(model).expanduser()/"model_index.json").is_file():
+            raise FileNotFoundError(f"model={model!r} is a folder but not a diffusers pipeline (no model_index.json): "
+                                    "give the folder a pipeline's save_pretrained wrote, e.g. a run's final/")
+        return model
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
         raise FileNotFoundError(f"model={model!r}: no such folder, and not a hub id of the form 'org/name'. "
                                 "Give an existing "

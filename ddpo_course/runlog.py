@@ -16,7 +16,7 @@ from .config import ConfigError, write_text_atomic
 # %% auto #0
 __all__ = ['COMPLETE', 'resolve_trackers', 'wandb_logged_in', 'append_jsonl', 'read_metrics', 'trim_metrics', 'plot_reward_curve',
            'save_grid', 'peak_rss_mb', 'checkpoints', 'latest_checkpoint', 'checkpoint_problem', 'resumable_checkpoint',
-           'write_checkpoint', 'check_shared_dir']
+           'CheckpointError', 'checkpoint_size', 'write_checkpoint', 'check_shared_dir']
 
 # %% ../nbs/A4_runlog.ipynb #a4000007
 def resolve_trackers(names:list[str], # `run.trackers`: tracker names, or ["auto"]
@@ -179,23 +179,51 @@ def _fsync_tree(folder:Path):
         try: os.fsync(fd)
         finally: os.close(fd)
 
+class CheckpointError(RuntimeError):
+    "A checkpoint could not be written, on some process; the checkpoints before it are untouched."
+
+def checkpoint_size(acc:Accelerator, run_dir:str|Path) -> int:
+    "Bytes the next checkpoint needs: the newest one's, or before the first the weights and two Adam moments."
+    if (last := latest_checkpoint(run_dir)): return sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
+    weights = sum(t.numel() * t.element_size() for m in acc._models for t in m.state_dict().values())
+    return weights + sum(2 * p.numel() * 4 for m in acc._models for p in m.parameters() if p.requires_grad)
+
+def _failure(step) -> str|None:
+    "Run `step`; the error it raised, as a sentence, or None."
+    try: return step()
+    except OSError as e: return f"{type(e).__name__}: {e}"
+
+def _everyone_knows(acc:Accelerator, error:str|None) -> str|None:
+    "The first process's error, on every process: one that failed alone would leave the rest waiting at a barrier."
+    if acc.num_processes == 1: return error
+    from accelerate.utils import gather_object
+    return next((e for e in gather_object([error]) if e), None)
+
 def write_checkpoint(acc:Accelerator, run_dir:str|Path, epoch:int, keep:int) -> Path:
-    "Write every process's state as `checkpoints/epoch-NNNN`, atomically; keep the newest `keep` checkpoints."
+    """Write every process's state as `checkpoints/epoch-NNNN`, atomically; keep the newest `keep` checkpoints.
+    A failure on any process (a full disk, a write error) raises `CheckpointError` on every process, promptly,
+    with the earlier checkpoints untouched and no temporary folder left."""
     ck = Path(run_dir)/"checkpoints"
     tmp, final = ck/f".tmp-epoch-{epoch:04d}", ck/f"epoch-{epoch:04d}"
-    if acc.is_main_process:       # a write a kill interrupted left its temporary folder: remove every one
-        for old in ck.glob(".tmp-epoch-*"): shutil.rmtree(old, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))                    # every process writes its part (RNG states, ...)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    def start():
+        for old in ck.glob(".tmp-epoch-*"): shutil.rmtree(old, ignore_errors=True)   # a kill's leftovers
+        ck.mkdir(parents=True, exist_ok=True)
+        need, free = checkpoint_size(acc, run_dir), shutil.disk_usage(ck).free
+        if free < 1.1 * need + 2**20:
+            return (f"only {free / 2**20:.0f} MiB free on the disk of {ck}, and a checkpoint needs about "
+                    f"{need / 2**20:.0f} MiB: free some space, then continue with run.resume=true")
+        tmp.mkdir()
+    def finish():
         (tmp/COMPLETE).write_text(json.dumps(dict(epoch=epoch, files=_manifest(tmp))))   # what a resume verifies
         _fsync_tree(tmp)                        # on the disk before it is named: a power cut cannot rename a hole
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)                  # the checkpoint becomes visible only when complete
         for old in checkpoints(run_dir)[:-keep]: shutil.rmtree(old)
-    acc.wait_for_everyone()
+    for step, everyone in ((start, False), (lambda: acc.save_state(str(tmp)) and None, True), (finish, False)):
+        error = _failure(step) if everyone or acc.is_main_process else None
+        if (error := _everyone_knows(acc, error)):
+            if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint {final.name} was not written: {error}")
     return final
 
 def _sees(path:Path, token:str) -> bool:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06c_train.ipynb #6c000004
 from __future__ import annotations
-import argparse, contextlib, signal, sys, threading, time
+import argparse, contextlib, os, signal, sys, threading, time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,12 @@ from fastcore.imports import IN_IPYTHON
 from fastprogress.fastprogress import master_bar
 
 from .config import (ConfigError, clear_run_dir, config_to_dict, load_config, mark_run_dir, preset_names,
-                                preset_description, run_dir_state, write_text_atomic)
+                                preset_description, run_dir_state, run_id, validate, write_text_atomic)
 from .epoch import EpochTrainer, TrainingError
 from .rewards import RewardError
-from .runlog import (append_jsonl, check_shared_dir, peak_rss_mb, plot_reward_curve,
-                                read_metrics, resumable_checkpoint, save_grid, trim_metrics, write_checkpoint)
+from .runlog import (CheckpointError, append_jsonl, check_shared_dir, latest_checkpoint, peak_rss_mb,
+                                plot_reward_curve, read_metrics, resumable_checkpoint, save_grid, trim_metrics,
+                                write_checkpoint)
 from .sampling import decode_latents, sample_trajectories
 from .geneval import geneval_score, parse_prompt, read_components, summarize
 from .world import judged_aligned, load_judge, parse_caption
@@ -56,7 +57,10 @@ def setup(self:DDPOTrainer):
     if self.tracker is not None: acc.register_for_checkpointing(self.tracker)
     if cfg.model.lora: _register_lora_hooks(acc)
     if cfg.run.resume: self.resume()
-    if self.trackers: acc.init_trackers("ddpo", config={k: str(v) for k, v in _flat(config_to_dict(cfg)).items()})
+    if self.trackers:     # a resume continues the tracker's run: wandb's under the id the run folder's marker keeps
+        rid = run_id(self.run_dir)
+        acc.init_trackers("ddpo", config={k: str(v) for k, v in _flat(config_to_dict(cfg)).items()},
+                          init_kwargs={"wandb": dict(id=rid, resume="allow", name=self.run_dir.name)} if rid else {})
     self._set_up = True
     return self
 
@@ -169,7 +173,11 @@ def evaluate(self:DDPOTrainer, epoch:int) -> dict:
 @patch
 def save_checkpoint(self:DDPOTrainer, epoch:int) -> Path:
     "Write this epoch's checkpoint of every process's state, atomically, keeping the newest `run.keep_checkpoints`."
-    return write_checkpoint(self.acc, self.run_dir, epoch, self.cfg.run.keep_checkpoints)
+    try: return write_checkpoint(self.acc, self.run_dir, epoch, self.cfg.run.keep_checkpoints)
+    except CheckpointError as e:
+        last = latest_checkpoint(self.run_dir)
+        raise TrainingError(f"epoch {epoch}: {e}. " + (f"The newest checkpoint, {last.name}, is intact" if last else
+                            "No checkpoint was written before this one")) from None
 
 @patch
 def resume(self:DDPOTrainer):
@@ -315,19 +323,29 @@ def main(argv:list[str]|None=None) -> int:
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.epochs=5 run.dir=runs/test")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--list-presets", action="store_true", help="print each preset with what it reproduces, and exit")
-    args = p.parse_args(argv)
+    p.add_argument("--check", action="store_true", help="check the configuration and the run folder, load nothing, "
+                   "and exit (0: it would start)")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    args = p.parse_intermixed_args(argv)       # flags may come after the overrides
     if args.list_presets:
         for name in preset_names(): print(f"{name}\n    " + preset_description(name).replace("\n", "\n    ") + "\n")
         return 0
     overrides = list(args.overrides)
     if args.config and "=" in args.config: overrides, args.config = [args.config] + overrides, None
+    def fail(kind:str, e:BaseException, code:int, text:str|None=None) -> int:
+        if args.debug: raise e
+        print(f"ddpo-train: {kind}: {text or e}", file=sys.stderr); return code
     try:
         cfg = load_config(args.config, overrides)
+        if args.print_config or args.check: validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         if args.print_config: print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)); return 0
+        if args.check: print(f"ddpo-train: configuration ok; the run would write to {cfg.run.dir}"); return 0
         trainer = DDPOTrainer(cfg); trainer.train()
         if trainer.stopped: return 128 + signal.SIGTERM     # checkpointed, not finished: what schedulers expect
-    except ConfigError as e: print(f"ddpo-train: configuration error: {e}", file=sys.stderr); return 2
-    except TrainingError as e: print(f"ddpo-train: training stopped: {e}", file=sys.stderr); return 1
+    except ConfigError as e: return fail("error", e, 2)
+    except TrainingError as e: return fail("training stopped", e, 1)
+    except (OSError, ImportError) as e:        # the machine, not the configuration: files, disk, packages
+        return fail("error", e, 1, f"{type(e).__name__}: {e} (run with --debug for the traceback)")
     return 0
 
 # %% ../nbs/06c_train.ipynb #38b28366

@@ -73,7 +73,6 @@ def test_existing_run_is_never_overwritten_by_accident(tmp_path, capsys):
     (["train.method=ppo"], "train.method='ppo': use 'is'"),
     (["train.method=nft", "train.nft_beta=0"], "train.nft_beta=0.0: must be > 0"),
     (["train.method=nft", "train.nft_t_min=1000"], "train.nft_t_min=1000: must be a timestep in [0, 999]"),
-    (["train.method=nft", "train.kl_coef=0.1"], "train.kl_coef=0.1: is a penalty on DDPO's reverse steps"),
     (["train.method=nft", "train.timesteps=first"], "train.timesteps='first': selects DDPO's denoising steps")])
 def test_bad_nft_settings_fail_before_anything_loads(tmp_path, capsys, overrides, message):
     assert main(["tiny", f"run.dir={tmp_path/'run'}", *overrides]) == 2

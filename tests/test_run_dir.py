@@ -129,3 +129,50 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     assert f"checkpoint {newest.name} is damaged: {weights.name} has" in out and "resumed from" in out and "epoch 0" in out
     from ddpo_course.runlog import read_metrics
     assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2] and (run/"final").exists()
+
+
+@pytest.mark.parametrize("fault", ["full disk", "write error"])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_one_before(tmp_path, monkeypatch, capsys, fault):
+    """A full disk is found before the write starts, a write error during it; either way the run stops with one
+    line naming the epoch, the cause and the intact checkpoint, leaves no temporary folder, and resumes once fixed."""
+    import shutil
+    import ddpo_course.runlog as runlog
+    from ddpo_course.runlog import checkpoints, read_metrics
+    run = tmp_path/"run"
+    args = ["tiny", f"run.dir={run}", *SMALL, "run.checkpoint_every=1"]
+    assert main(args + ["train.epochs=1"]) == 0
+    real_usage, real_fsync = shutil.disk_usage, runlog._fsync_tree
+    if fault == "full disk":
+        monkeypatch.setattr(runlog.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=2**20))
+    else:
+        def broken(folder): raise OSError(28, "No space left on device")
+        monkeypatch.setattr(runlog, "_fsync_tree", broken)
+    capsys.readouterr()
+    assert main(args + ["train.epochs=3", "run.resume=true"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddpo-train: training stopped: epoch 1: checkpoint epoch-0001 was not written: ")
+    assert ("only 1 MiB free" if fault == "full disk" else "No space left on device") in err[0]
+    assert "The newest checkpoint, epoch-0000, is intact" in err[0]
+    assert [c.name for c in checkpoints(run)] == ["epoch-0000"] and not list((run/"checkpoints").glob(".tmp-*"))
+    monkeypatch.setattr(runlog.shutil, "disk_usage", real_usage); monkeypatch.setattr(runlog, "_fsync_tree", real_fsync)
+    assert main(args + ["train.epochs=3", "run.resume=true"]) == 0            # the disk freed: the same command continues
+    assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2]
+
+
+def test_a_resume_continues_the_trackers_run(tmp_path, monkeypatch):
+    "The tracker's run is the run folder's: a resume asks wandb for the same id (tensorboard appends by epoch)."
+    from accelerate import Accelerator
+    from ddpo_course.config import run_id
+    seen = []
+    real = Accelerator.init_trackers
+    def record(self, project, config=None, init_kwargs=None):
+        seen.append((init_kwargs or {}).get("wandb", {})); return real(self, project, config, init_kwargs)
+    monkeypatch.setattr(Accelerator, "init_trackers", record)
+    run = tmp_path/"run"
+    args = ["tiny", f"run.dir={run}", *SMALL, "run.checkpoint_every=1", "run.trackers=[tensorboard]"]
+    assert main(args + ["train.epochs=1"]) == 0
+    assert main(args + ["train.epochs=2", "run.resume=true"]) == 0
+    other = tmp_path/"other"
+    assert main(["tiny", f"run.dir={other}", *SMALL, "train.epochs=1", "run.trackers=[tensorboard]"]) == 0
+    assert seen[0] == seen[1] == dict(id=run_id(run), resume="allow", name="run") and len(run_id(run)) == 16
+    assert seen[2]["id"] == run_id(other) != run_id(run)

@@ -280,6 +280,26 @@ def test_nft_logs_its_gradient_signal_to_noise_and_its_shift(tmp_path):
     assert "clipfrac" not in m[0] and m[0]["nft_shift"] > 0 and m[1]["global_step"] == 4
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_nft_kl_to_the_reference_holds_the_model_near_the_pretrained_one(tmp_path, lora):
+    """DiffusionNFT's official recipe pulls ε_θ toward the pretrained ε_ref on its draws: with a strong pull, the
+    trained model's output stays nearer the pretrained one's than without, and ‖ε_θ − ε_ref‖² is logged as kl_ref."""
+    from ddpo_course.models import load_pipeline
+    ref = unet_output(load_pipeline("tiny").unet)
+    def after(coef):
+        run = tmp_path/f"kl{coef}"
+        m = DDPOTrainer(small(run, "train.epochs=6", "train.method=nft", f"train.kl_coef={coef}", "train.learning_rate=3e-3",
+                              f"model.lora={str(lora).lower()}")).train()
+        from ddpo_course.models import load_pipeline as lp
+        pipe = lp("tiny")
+        if lora: pipe.load_lora_weights(run/"final"); pipe.fuse_lora()
+        else: pipe = lp(run/"final")
+        return m, (unet_output(pipe.unet) - ref).pow(2).mean().item()
+    (m0, d0), (m1, d1) = after(0), after(1000)
+    assert "kl_ref" not in m0[0] and all(r["kl_ref"] > 0 for r in m1)
+    assert d1 < 0.5 * d0, (d0, d1)
+
+
 
 def test_sigterm_writes_a_checkpoint_and_exits_then_resumes(tmp_path):
     """What a cluster scheduler sends before preemption: the run ends the epoch it is in, writes that epoch's checkpoint

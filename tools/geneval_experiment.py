@@ -2,7 +2,8 @@
 
     python tools/geneval_experiment.py probe           # two epochs of toy_geneval on 2 threads: seconds per epoch
     python tools/geneval_experiment.py pair EPOCHS SEED [TAG OVERRIDES...]  # the RL run and its control, one thread each
-    python tools/geneval_experiment.py rivals MINUTES  # more pretraining and RAFT for those minutes, one thread each
+    python tools/geneval_experiment.py rivals MINUTES [NAMES]  # more pretraining and RAFT (default) for those minutes,
+                                                       # one thread each; "oracle": more pretraining on true captions
     python tools/geneval_experiment.py final           # toy GenEval (480 test images) of every model, the runs' metrics
     python tools/geneval_experiment.py grid            # the before/after grid of the evaluation pairs
 
@@ -62,11 +63,11 @@ elif phase == "pair":   # the RL run and its shuffled control, side by side on o
           for name, extra in (("rl", []), ("control", ["train.shuffle_advantages=true"]))]
     print([p.wait() for p in ps], (time.time() - t0) / 60, flush=True)
 elif phase == "rivals":   # more pretraining and RAFT for the RL run's minutes, side by side on one thread each
-    minutes = float(sys.argv[2])
+    minutes, names = float(sys.argv[2]), sys.argv[3:] or ["more", "raft"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     LOGS.mkdir(parents=True, exist_ok=True)
     ps = [subprocess.Popen([sys.executable, __file__, "rival", name, str(minutes)], env=env,
-                           stdout=open(LOGS/f"{name}.log", "w"), stderr=subprocess.STDOUT) for name in ("more", "raft")]
+                           stdout=open(LOGS/f"{name}.log", "w"), stderr=subprocess.STDOUT) for name in names]
     print([p.wait() for p in ps], flush=True)
 elif phase == "rival":
     torch.set_num_threads(1)
@@ -76,6 +77,12 @@ elif phase == "rival":
         from ddpo_course.scenes import scene_tensors
         curve = pretrain_more("toy-scenes", minutes * 60, rate=table, n_images=30_000, seed=1,
                               data=lambda n, s: scene_tensors(n, s)[:2])
+    elif name == "oracle":   # the same minutes on captions that state everything, truly: what the data could teach
+        from ddpo_course.experiments import pretrain_more
+        from ddpo_course.scenes import scene_tensors
+        true = dict(salient_only=0.0, colour=1.0, count=1.0, swap_colours=0.0, position=1.0, position_wrong=0.0)
+        curve = pretrain_more("toy-scenes", minutes * 60, rate=table, n_images=30_000, seed=1,
+                              data=lambda n, s: scene_tensors(n, s, rates=true)[:2])
     else:
         from ddpo_course.geneval_rl import raft
         curve = raft("toy-scenes", minutes * 60, rate=table)
@@ -88,7 +95,7 @@ elif phase == "final":    # the 480-image table of the base model and the two RL
     for name in sorted(p.name for p in RL.iterdir() if p.name.startswith(("rl", "control")) and (p/"final").is_dir()):
         res[name] = table(load_pipeline(RL/name/"final"))
         res[name + "_metrics"] = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in read_metrics(RL/name)]
-    for name in ("more", "raft"):
+    for name in ("more", "raft", "oracle"):
         if (RL/f"{name}.json").exists(): res[name] = json.loads((RL/f"{name}.json").read_text())
     save(res)
 if phase == "grid":    # the same test prompts and noise: before training, after RL, after its control
