@@ -4,7 +4,7 @@
 
 # %% ../nbs/06b_epoch.ipynb #75d40de8
 from __future__ import annotations
-import copy, math, os, time
+import contextlib, copy, math, os, time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -338,26 +338,26 @@ def per_step_stats(per_t:torch.Tensor) -> dict:
     return dict(clipfrac_t=per(clipped, n), abs_log_ratio_t=per(abs_lr, n), kl_ref_t=per(kl, kl_n))
 
 @patch
-def reference_eps(self:EpochTrainer, x:torch.Tensor, ts:torch.Tensor, emb:torch.Tensor) -> torch.Tensor:
-    "The pretrained model's ε_ref of draws `x` [N, k, ...] at timesteps `ts` [N, k], prompts `emb` [N, ...]."
-    args = (x.flatten(0, 1), ts.flatten())
-    kw = dict(encoder_hidden_states=emb.repeat_interleave(x.shape[1], 0))
+@contextlib.contextmanager
+def reference_unet(self:EpochTrainer):
+    "The pretrained UNet, with no gradient: the frozen copy, or with LoRA the same UNet with its adapters off."
     with torch.no_grad():
-        if not self.cfg.model.lora: return self.ref_unet(*args, **kw).sample
+        if not self.cfg.model.lora: yield self.ref_unet; return
         unet = self.acc.unwrap_model(self.unet)
         unet.disable_adapters()          # LoRA: the frozen base weights are the pretrained model
-        try: return unet(*args, **kw).sample
+        try: yield unet
         finally: unet.enable_adapters()
+
+@patch
+def reference_eps(self:EpochTrainer, x:torch.Tensor, ts:torch.Tensor, emb:torch.Tensor) -> torch.Tensor:
+    "The pretrained model's ε_ref of draws `x` [N, k, ...] at timesteps `ts` [N, k], prompts `emb` [N, ...]."
+    with self.reference_unet() as unet:
+        return unet(x.flatten(0, 1), ts.flatten(), encoder_hidden_states=emb.repeat_interleave(x.shape[1], 0)).sample
 
 @patch
 def reference_mean(self:EpochTrainer, sched, args) -> torch.Tensor:
     "The pretrained model's step mean μ_ref at the same states (`args` as for `policy_step`)."
-    with torch.no_grad():
-        if not self.cfg.model.lora: return policy_step(self.ref_unet, sched, *args).mean
-        unet = self.acc.unwrap_model(self.unet)
-        unet.disable_adapters()          # LoRA: the frozen base weights are the pretrained model
-        try: return policy_step(unet, sched, *args).mean
-        finally: unet.enable_adapters()
+    with self.reference_unet() as unet: return policy_step(unet, sched, *args).mean
 
 # %% ../nbs/06b_epoch.ipynb #932f61c3
 MAX_OVERFLOWS = 25   # fp16: optimizer steps skipped in a row before the run stops (2**16 halved 25 times is below 1e-2)

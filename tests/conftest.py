@@ -38,6 +38,11 @@ def fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def files_of(d) -> dict:
+    "Every file under `d` with its bytes: what a refusal must leave exactly as it was."
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
 def small(run_dir, *extra): return load_config("tiny", [f"run.dir={run_dir}", *SMALL, *extra])
 
 

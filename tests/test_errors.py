@@ -4,9 +4,7 @@ traceback unless `--debug`, and nothing lost: a folder of the user's files keeps
 import pytest
 
 from ddpo_course.train import main
-
-def files_of(d):
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+from conftest import files_of
 
 # (command-line arguments after the setup's {placeholders}, exit status, a phrase of the message)
 PROBES = [

@@ -7,12 +7,8 @@ import pytest
 from ddpo_course.config import ConfigError, RUN_MARKER, check_run_dir, load_config, run_dir_state
 from ddpo_course.epoch import TrainingError
 from ddpo_course.train import DDPOTrainer, main
-from conftest import SMALL, small
+from conftest import SMALL, files_of, small
 
-
-def files_of(d:Path) -> dict:
-    "Every file under `d` with its bytes: what a refusal must leave exactly as it was."
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 def user_folder(d:Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)

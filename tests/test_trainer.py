@@ -290,10 +290,8 @@ def test_nft_kl_to_the_reference_holds_the_model_near_the_pretrained_one(tmp_pat
         run = tmp_path/f"kl{coef}"
         m = DDPOTrainer(small(run, "train.epochs=6", "train.method=nft", f"train.kl_coef={coef}", "train.learning_rate=3e-3",
                               f"model.lora={str(lora).lower()}")).train()
-        from ddpo_course.models import load_pipeline as lp
-        pipe = lp("tiny")
+        pipe = load_pipeline("tiny" if lora else run/"final")
         if lora: pipe.load_lora_weights(run/"final"); pipe.fuse_lora()
-        else: pipe = lp(run/"final")
         return m, (unet_output(pipe.unet) - ref).pow(2).mean().item()
     (m0, d0), (m1, d1) = after(0), after(1000)
     assert "kl_ref" not in m0[0] and all(r["kl_ref"] > 0 for r in m1)
